@@ -1,0 +1,177 @@
+"""The ``kiln`` command line (typer).
+
+Every error a user can cause is a :class:`kiln.errors.KilnError` and is printed as one line
+(``error: ...``) with a non-zero exit code; ``KILN_DEBUG=1`` shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import KilnError
+
+app = typer.Typer(
+    name="kiln",
+    help="Compile large language models with Apache TVM and run them on the device at hand.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+log = logging.getLogger("kiln")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"kiln {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print kiln's version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
+):
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# ---------------------------------------------------------------------------------- pipeline
+def convert_weight_cmd(
+    checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (or other model source)."),
+    quantization: str = typer.Option(..., "--quantization", "-q", help="Quantization scheme, e.g. q4f16_1, q0f32."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for tensor-cache.json and the weight shards."),
+    model_type: Optional[str] = typer.Option(None, "--model-type", help="Architecture to use (default: from config.json)."),
+    source_format: str = typer.Option("auto", "--source-format", help="Checkpoint format (default: detected)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace weights already in the output directory."),
+):
+    """Convert and quantize a checkpoint's weights into kiln's (MLC's) tensor-cache format."""
+    from .pipeline.convert_weight import convert_weight
+
+    out = convert_weight(checkpoint, quantization, output, model_type=model_type, source_format=source_format,
+                         overwrite=overwrite)
+    typer.echo(f"weights written to {out}")
+
+
+def gen_config_cmd(
+    checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (or other model source)."),
+    quantization: str = typer.Option(..., "--quantization", "-q", help="Quantization scheme the weights use."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write mlc-chat-config.json into."),
+    conv_template: Optional[str] = typer.Option(
+        None, "--conv-template", help="Conversation template name, or 'jinja' for the checkpoint's chat_template."
+    ),
+    model_type: Optional[str] = typer.Option(None, "--model-type", help="Architecture to use (default: from config.json)."),
+    context_window_size: Optional[int] = typer.Option(None, "--context-window-size", help="Longest sequence, in tokens."),
+    prefill_chunk_size: Optional[int] = typer.Option(None, "--prefill-chunk-size", help="Most tokens per prefill step."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Most sequences decoded together."),
+    sliding_window_size: Optional[int] = typer.Option(None, "--sliding-window-size", help="Sliding attention window (-1: off)."),
+    overrides: Optional[str] = typer.Option(None, "--overrides", help='Model config overrides: "key=value;key=value".'),
+    source_format: str = typer.Option("auto", "--source-format", help="Checkpoint format (default: detected)."),
+):
+    """Write mlc-chat-config.json (and copy the tokenizer) for converted weights."""
+    from .pipeline.gen_config import gen_config
+
+    path = gen_config(
+        checkpoint, quantization, output, conv_template=conv_template, model_type=model_type,
+        context_window_size=context_window_size, prefill_chunk_size=prefill_chunk_size,
+        max_batch_size=max_batch_size, sliding_window_size=sliding_window_size, overrides=overrides,
+        source_format=source_format,
+    )
+    typer.echo(f"config written to {path}")
+
+
+app.command("convert_weight")(convert_weight_cmd)
+app.command("convert-weight", hidden=True)(convert_weight_cmd)
+app.command("gen_config")(gen_config_cmd)
+app.command("gen-config", hidden=True)(gen_config_cmd)
+
+
+@app.command("compile")
+def compile_cmd(
+    config: Path = typer.Argument(..., help="mlc-chat-config.json, or the directory holding it."),
+    device: str = typer.Option(..., "--device", "-d", help="Device to compile for: cpu, ... (see `kiln plugins`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Model library to write (e.g. model-cpu.so)."),
+    opt: Optional[str] = typer.Option(None, "--opt", help='Backend options: "key=value;key=value".'),
+    overrides: Optional[str] = typer.Option(
+        None, "--overrides", help='Change context_window_size, prefill_chunk_size, max_batch_size: "key=value;...".'
+    ),
+):
+    """Compile a model library for a device."""
+    from .pipeline.compile import compile_model
+
+    out = compile_model(config, device, output, opt=opt, overrides=overrides)
+    typer.echo(f"model library written to {out}")
+
+
+# ---------------------------------------------------------------------------------- plugins
+@app.command("plugins")
+def plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List installed plugins: version, status and what each registered."""
+    from .registry import get_registry
+
+    reg = get_registry()
+    rows = [info.to_dict() for info in reg.plugins.values()]
+    if as_json:
+        typer.echo(json.dumps({"kiln_version": __version__, "plugins": rows}, indent=2))
+        return
+    for row in rows:
+        where = f"{row['distribution']} {row['version']}".strip() or row["module"]
+        typer.echo(f"{row['name']}  [{row['status']}]  {where}")
+        if row["error"]:
+            typer.echo(f"    error: {row['error']}")
+        for kind, names in sorted(row["registered"].items()):
+            typer.echo(f"    {kind}: {', '.join(names)}")
+
+
+# ---------------------------------------------------------------------------------- entry point
+_commands_registered = False
+
+
+def _register_plugin_commands():
+    global _commands_registered
+    if _commands_registered:
+        return
+    _commands_registered = True
+    from .registry import get_registry
+
+    get_registry().pm.hook.register_commands(app=app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("KILN_DEBUG", "") not in ("", "0")
+    try:
+        _register_plugin_commands()
+        app(args=argv, prog_name="kiln", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KilnError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if debug:
+            raise
+        detail = str(exc).strip().splitlines()
+        print(
+            f"error: internal error: {type(exc).__name__}: {detail[-1] if detail else ''} "
+            "(run with KILN_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 70
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Building blocks every architecture plugin shares.
+
+An architecture plugin writes its config (a :class:`ModelConfig` subclass) and its layers; the
+compiled entry points, the paged KV cache and the layers whose kernels kiln controls (linear,
+embedding) live here, so a model file reads like MLC's: config, modules top-down, nothing else.
+
+Compiled entry points (the runtime's contract; all take the packed parameters last):
+    ``embed(input_ids[n]) -> [n, hidden]``
+    ``batch_prefill(input_embeds[1, n, hidden], logit_positions[b], kv) -> (logits[1, b, vocab], kv)``
+        runs ``n`` new tokens of one or more sequences (the sequences and their lengths are given
+        to the KV cache by ``begin_forward``) and returns the logits at the given token positions.
+    ``batch_decode(input_embeds[b, 1, hidden], kv) -> (logits[b, 1, vocab], kv)``
+    ``create_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+        support_sliding_window) -> kv``
+"""
+
+from __future__ import annotations
+
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.core import wrap_nested
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from .model_config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- kernels
+def _reduce_dtype(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
+def dense(x: te.Tensor, weight: te.Tensor):
+    """``x[..., K] @ weight[N, K].T`` as one reduction (float32 accumulation)."""
+    *batch, k_dim = x.shape
+    n_dim = weight.shape[0]
+    acc = _reduce_dtype(x.dtype)
+    k = te.reduce_axis((0, k_dim), name="k")
+    out = te.compute(
+        (*batch, n_dim),
+        lambda *i: te.sum(x[(*i[:-1], k)].astype(acc) * weight[i[-1], k].astype(acc), axis=k),
+        name="matmul",
+    )
+    if acc != x.dtype:
+        out = te.compute(out.shape, lambda *i: out[i].astype(x.dtype), name="matmul_cast")
+    return out
+
+
+def take(x: Tensor, indices: Tensor, axis: int, name: str = "take") -> Tensor:
+    """``op.take`` with out-of-range indices clipped: a bad index can never read out of bounds."""
+    return wrap_nested(relax.op.take(x._expr, indices._expr, axis=axis, mode="clip"), name)  # pylint: disable=protected-access
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T + b`` with ``W[out, in]``, as a kernel the backends' schedule rules know.
+
+    Models use this (not ``nn.Linear``) so quantization can swap it and CPU schedules see one
+    reduction block per projection.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: str | None = None):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter((out_features, in_features), dtype)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.tensor_expr_op(dense, "matmul", [x, self.weight])
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class Embedding(nn.Module):
+    """Token embedding that can also serve as a tied LM head (``lm_head_forward``)."""
+
+    def __init__(self, num: int, dim: int, dtype: str | None = None):
+        self.num = num
+        self.dim = dim
+        self.weight = nn.Parameter((num, dim), dtype)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return take(self.weight, input_ids, axis=0)
+
+    def lm_head_forward(self, x: Tensor) -> Tensor:
+        return op.tensor_expr_op(dense, "matmul", [x, self.weight])
+
+
+# ----------------------------------------------------------------------------- the model base
+class CausalLM(nn.Module):
+    """Base of every decoder-only model: the compiled entry points and the paged KV cache.
+
+    A subclass sets ``self.config`` and implements ``embed``, ``body`` (embeddings -> final
+    hidden states, attending through the KV cache) and ``get_logits``.
+    """
+
+    config: ModelConfig
+    dtype: str = "float32"
+    target = None  # the tvm.target.Target being compiled for; set by kiln's compile pipeline
+
+    def embed(self, input_ids: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def body(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_logits(self, hidden: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to(self, dtype: str | None = None) -> None:
+        super().to(dtype)
+        if dtype is not None:
+            self.dtype = dtype
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        logits = self.get_logits(hidden)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.body(input_embeds, paged_kv_cache)
+        hidden = take(hidden, logit_positions, axis=1)
+        return self._logits(hidden), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.body(input_embeds, paged_kv_cache)
+        return self._logits(hidden), paged_kv_cache
+
+    def create_paged_kv_cache(  # pylint: disable=too-many-arguments
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.config
+        theta, scale, scaling = c.rope()
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL if c.rope_mode == "normal" else RopeMode.INLINE,
+            rope_scale=scale,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self):
+        hidden = self.config.hidden_size
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        return nn.spec.ModuleSpec.from_raw(
+            {
+                "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+                "batch_prefill": {
+                    "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
+                    "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                    "paged_kv_cache": kv,
+                    "$": packed,
+                },
+                "batch_decode": {
+                    "input_embeds": nn.spec.Tensor(["batch_size", 1, hidden], self.dtype),
+                    "paged_kv_cache": kv,
+                    "$": packed,
+                },
+                "create_paged_kv_cache": {
+                    "max_batch_size": int,
+                    "max_total_seq_len": int,
+                    "prefill_chunk_size": int,
+                    "page_size": int,
+                    "support_sliding_window": int,
+                    "$": {"param_mode": "none", "effect_mode": "none"},
+                },
+            },
+            self,
+        )
+
+
+__all__ = [
+    "ModelConfig",
+    "CausalLM",
+    "Linear",
+    "Embedding",
+    "dense",
+]

@@ -1,0 +1,129 @@
+"""``kiln compile``: ``mlc-chat-config.json`` -> a model library for one device.
+
+The library holds the Relax VM executable plus a ``_metadata`` function returning JSON: kiln's
+version, the model type, quantization, target, the context/batch limits it was built with and
+every parameter's name, shape and dtype.  The runtime checks weights and config against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .. import __version__
+from ..errors import CompileError, UnknownNameError, UsageError, did_you_mean
+from ..registry import get_registry
+from .gen_config import read_chat_config
+from .model import apply_overrides, build_model, parse_overrides, parse_value
+from .output import staging_dir
+
+log = logging.getLogger("kiln")
+
+METADATA_FUNC = "_metadata"
+# chat-config fields that size the compiled model and may be changed at compile time
+SIZE_FIELDS = ("context_window_size", "prefill_chunk_size", "max_batch_size", "sliding_window_size")
+
+
+def parse_opts(text: str | None, backend) -> dict[str, Any]:
+    """``"k=v;k2=v2"`` checked against the backend's options; defaults filled in."""
+    opts = {key: opt.default for key, opt in backend.options.items()}
+    for item in (text or "").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise UsageError(f"--opt item '{item}' is not of the form key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in backend.options:
+            valid = ", ".join(sorted(backend.options)) or "none"
+            raise UnknownNameError(
+                f"unknown --opt key '{key}' for device '{backend.name}'{did_you_mean(key, backend.options)}; valid keys: {valid}"
+            )
+        opts[key] = parse_value(value)
+    return opts
+
+
+def make_target(backend, opts: Mapping[str, Any]):
+    import tvm
+
+    target = tvm.target.Target(backend.target(opts))
+    if backend.host is not None:
+        target = tvm.target.Target(backend.target(opts), host=tvm.target.Target(backend.host))
+    return target
+
+
+def attach_metadata(mod, metadata: dict):
+    import tvm
+    from tvm import relax
+
+    func = relax.Function([], tvm.ir.StringImm(json.dumps(metadata)), relax.ObjectType())
+    mod[METADATA_FUNC] = func.with_attr("global_symbol", METADATA_FUNC)  # public: survives dead-code removal
+    return mod
+
+
+def compile_model(
+    config: str | Path,
+    device: str,
+    output: str | Path,
+    opt: str | None = None,
+    overrides: str | None = None,
+    registry=None,
+) -> Path:
+    """Compile the model described by ``config`` for ``device`` into ``output``."""
+    import tvm
+
+    registry = registry or get_registry()
+    chat_config, model_dir = read_chat_config(config)
+    backend = registry.backend(device)
+    opts = parse_opts(opt, backend)
+    arch = registry.architecture(chat_config["model_type"])
+    quant = registry.quantization(chat_config["quantization"])
+    model_config = arch.config_class.from_dict(chat_config["model_config"])
+    sizes = {k: chat_config[k] for k in SIZE_FIELDS if chat_config.get(k) is not None}
+    sizes.update(parse_overrides(overrides))
+    apply_overrides(model_config, sizes)
+    output = Path(output).expanduser()
+    if output.is_dir():
+        raise UsageError(f"output '{output}' is a directory; give the library's file name (e.g. model{backend.lib_suffix})")
+
+    started = time.time()
+    target = make_target(backend, opts)
+    built = build_model(arch, model_config, quant, target=target)
+    mod, _ = built.model.export_tvm(spec=built.model.get_default_spec())
+    metadata = {
+        "kiln_version": __version__,
+        "model_type": arch.name,
+        "quantization": quant.name,
+        "device": backend.name,
+        "target": str(target),
+        "opts": opts,
+        "model_config": {k: getattr(model_config, k) for k in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", *SIZE_FIELDS,
+        )},
+        "model_dtype": quant.scheme.model_dtype,
+        "params": built.stored_params(),
+    }
+    mod = attach_metadata(mod, metadata)
+    try:
+        ex = tvm.compile(mod, target, relax_pipeline=backend.pipeline(target, opts))
+    except Exception as exc:  # noqa: BLE001 - TVM raises many error types
+        raise CompileError(f"compiling {arch.name} for {backend.name} failed: {str(exc).strip().splitlines()[-1]}") from exc
+    with staging_dir(output) as tmp:
+        lib = tmp / output.name
+        if backend.export is not None:
+            backend.export(ex, lib, opts)
+        else:
+            ex.export_library(str(lib))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        lib.replace(output)
+    log.info("compiled %s (%s) for %s in %.1fs -> %s", arch.name, quant.name, target, time.time() - started, output)
+    return output
+
+
+def read_metadata(vm_or_module) -> dict:
+    """The metadata a kiln library records (raises KeyError when there is none)."""
+    return json.loads(str(vm_or_module[METADATA_FUNC]()))

@@ -1,0 +1,36 @@
+"""Quantization schemes shared by every architecture.
+
+A scheme (:class:`QuantScheme`) does two things:
+
+* ``quantize_model(model)`` swaps the model's :class:`kiln.modeling.Linear` and
+  :class:`kiln.modeling.Embedding` layers for quantized ones (in place) and returns a plan:
+  ``{float parameter name: function(float array) -> {stored name: array}}``;
+* parameters the plan does not name are stored in the scheme's ``model_dtype``.
+
+The converter runs the plan tensor by tensor; the compiler builds the swapped model.  A plugin
+adds a scheme by returning a :class:`kiln.specs.QuantizationSpec` holding its own
+``QuantScheme`` from ``register_quantizations``: nothing in the core changes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+QuantizePlan = dict[str, Callable[[np.ndarray], dict[str, np.ndarray]]]
+
+
+class QuantScheme(Protocol):
+    """What a quantization scheme provides (see the module docstring)."""
+
+    kind: str
+    model_dtype: str
+
+    def quantize_model(self, model) -> QuantizePlan: ...
+
+
+from .group import GroupQuant, dequantize_q4, pack_q4, quantize_q4  # noqa: E402
+from .noquant import NoQuant  # noqa: E402
+
+__all__ = ["QuantScheme", "QuantizePlan", "GroupQuant", "NoQuant", "quantize_q4", "dequantize_q4", "pack_q4"]

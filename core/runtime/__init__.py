@@ -1,0 +1,1 @@
+"""kiln's runtime: engine, KV cache use, sampler, tokenizer, conversation templates, chat, server."""

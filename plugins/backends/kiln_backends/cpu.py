@@ -1,0 +1,71 @@
+"""The CPU backend: LLVM for the host processor, with kiln's CPU schedule rules."""
+
+from __future__ import annotations
+
+from kiln.specs import BackendOption, BackendSpec
+
+
+def host_target(opts) -> dict:
+    """The host CPU as a TVM target dict (``mcpu`` read off the machine unless given)."""
+    import tvm
+
+    if opts.get("mcpu"):
+        return {"kind": "llvm", "mcpu": opts["mcpu"]}
+    target = tvm.target.Target.from_device(tvm.cpu())
+    return dict(target.export())
+
+
+def pipeline(target, opts):
+    import tvm
+    from tvm import relax
+
+    from .cpu_schedules import schedule_pass
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
+    def _pipeline(mod, _ctx):
+        passes = [
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ]
+        if opts.get("schedule", 1):
+            passes.append(schedule_pass(target))
+        passes += [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+CPU = BackendSpec(
+    name="cpu",
+    device_type="cpu",
+    target=host_target,
+    pipeline=pipeline,
+    is_available=lambda: True,
+    lib_suffix=".so",
+    aliases=("llvm",),
+    priority=0,
+    options={
+        "mcpu": BackendOption("", "LLVM CPU name to compile for (default: this machine's, e.g. skylake-avx512)"),
+        "schedule": BackendOption(1, "1: kiln's CPU schedules (threads, vectorized kernels); 0: unscheduled TIR"),
+    },
+    description="this machine's processor via LLVM",
+)

@@ -1,0 +1,170 @@
+"""CPU schedule rules: threads across cores, vectorized reductions, fused dequantization.
+
+Unscheduled TIR runs on one thread with scalar loops (5-25x slower, see docs/tvm-notes.md).
+These rules are generic over shapes and models:
+
+* :class:`MatmulRule` — the projections kiln emits (``matmul``/``q_matmul`` blocks: spatial
+  ``[..., N]``, reduction over K, optionally as packed-word x lane for 4-bit weights) plus
+  their fused element-wise epilogues.  The reduction is split into vector-width lanes
+  (``rfactor``), output rows are spread over threads, and the batch/sequence rows run inside
+  each thread so a tile of weight rows is reused from cache.
+* dlight's CPU ``Reduction`` rule for RMSNorm/softmax-like functions.
+* :class:`InjectiveRule` — element-wise and gather functions: one parallel loop over the fused
+  outer axes, vectorized inner axis.
+
+A rule that does not match (or fails) returns ``None`` and the next rule is tried, so an odd
+kernel stays correct, only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+log = logging.getLogger("kiln")
+
+MATMUL_BLOCKS = ("matmul", "q_matmul")
+
+
+def vector_bits(target: Target) -> int:
+    """SIMD register width of the target in bits (AVX-512: 512, AVX2: 256, NEON/SSE: 128)."""
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    try:
+        if llvm_cpu_has_features(["avx512f"], target):
+            return 512
+        if llvm_cpu_has_features(["avx2"], target) or llvm_cpu_has_features(["avx"], target):
+            return 256
+    except Exception:  # noqa: BLE001 - non-x86 targets have other feature names
+        pass
+    return 128
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _largest_divisor(n: int | None, candidates) -> int:
+    for c in candidates:
+        if n is not None and n % c == 0:
+            return c
+    return 1
+
+
+class _SafeRule(ScheduleRule):
+    """Run ``schedule``; any failure means 'not applicable' (logged), never a broken build."""
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            return self.schedule(func, target)
+        except Exception as exc:  # noqa: BLE001 - TVM schedule errors have many types
+            log.debug("%s did not apply: %s", type(self).__name__, str(exc).splitlines()[0] if str(exc) else exc)
+            return None
+
+    def schedule(self, func, target):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MatmulRule(_SafeRule):
+    """``out[..., n] = sum_k x[..., k] * W(n, k)`` with optional element-wise epilogues."""
+
+    rows_per_task = 8  # weight rows computed together (reused across the batch rows)
+
+    def schedule(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        main = [i for i in infos if not i.is_injective()]
+        if len(main) != 1 or main[0].name not in MATMUL_BLOCKS:
+            return None
+        main = main[0]
+        idx = infos.index(main)
+        if idx != 0 or not all(i.is_injective() for i in infos[1:]):
+            return None
+        kinds = main.dom_kind()
+        n_spatial = len(kinds.rstrip("R"))
+        if "R" in kinds[:n_spatial] or n_spatial < 1:
+            return None
+        lanes = vector_bits(target) // 32
+        block = main.block_rv
+        loops = sch.get_loops(block)
+        m_loops, n_loop, r_loops = loops[: n_spatial - 1], loops[n_spatial - 1], loops[n_spatial:]
+
+        # 1. the reduction as vector lanes
+        if len(r_loops) == 2:  # (packed word, lane in word)
+            words, per_word = r_loops
+            per = _extent(sch, per_word) or 1
+            f = _largest_divisor(_extent(sch, words), [max(lanes // per, 1), 2, 1])
+            _, word_in = sch.split(words, factors=[None, f])
+            lane = sch.fuse(word_in, per_word)
+        elif len(r_loops) == 1:
+            k = r_loops[0]
+            f = _largest_divisor(_extent(sch, k), [lanes, lanes // 2, lanes // 4, 2])
+            if f == 1:
+                return None
+            _, lane = sch.split(k, factors=[None, f])
+        else:
+            return None
+        rf = sch.rfactor(lane, factor_axis=n_spatial)
+
+        # 2. rows across threads, batch rows inside each thread
+        rf_loops = sch.get_loops(rf)
+        m_rf = sch.fuse(*rf_loops[: n_spatial - 1]) if n_spatial > 1 else None
+        n_rf, r_rest = rf_loops[n_spatial - 1], rf_loops[n_spatial:]
+        n_out, n_in = sch.split(n_rf, factors=[None, self.rows_per_task])
+        order = [n_out] + ([m_rf] if m_rf is not None else []) + [n_in] + list(r_rest)
+        sch.reorder(*order)
+        sch.parallel(n_out)
+        sch.vectorize(r_rest[-1])
+        sch.annotate(r_rest[0], "pragma_auto_unroll_max_step", 4)
+        sch.annotate(r_rest[0], "pragma_unroll_explicit", 0)
+
+        # 3. the lane sum and the epilogues, per output element, right after it is computed
+        sch.reverse_compute_at(block, n_in, preserve_unit_loops=True)
+        for info in infos[1:]:
+            sch.reverse_compute_at(info.block_rv, n_in, preserve_unit_loops=True)
+        return sch
+
+
+class InjectiveRule(_SafeRule):
+    """Element-wise/gather functions: parallel outer axes, vectorized inner axis."""
+
+    def schedule(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(i.is_injective() for i in infos):
+            return None
+        for info in infos[:-1]:
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - keep a block that cannot be inlined
+                pass
+        block = sch.get_sblock(infos[-1].name)
+        loops = sch.get_loops(block)
+        if not loops:
+            return None
+        lanes = vector_bits(target) // 32
+        inner = loops[-1]
+        inner_ext = _extent(sch, inner)
+        vec = _largest_divisor(inner_ext, [lanes, lanes // 2, 4, 2])
+        if vec > 1:
+            outer_inner, vec_loop = sch.split(inner, factors=[None, vec])
+            sch.vectorize(vec_loop)
+            loops = sch.get_loops(block)[:-1]
+        outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        sch.parallel(outer)
+        return sch
+
+
+def schedule_pass(target: Target):
+    """The module pass applying kiln's CPU rules to every unscheduled PrimFunc."""
+    return dl.ApplyDefaultSchedule(MatmulRule(), dl.cpu.Reduction(), InjectiveRule())
