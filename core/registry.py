@@ -73,7 +73,7 @@ class Registry:
         reg = cls(pm, infos)
         for hook_name, kind, spec_type in KINDS:
             caller = getattr(pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # in registration order: built-ins first
                 plugin = impl.plugin_name
                 info = infos.get(plugin)
                 if info is not None and info.status != "loaded":

@@ -76,9 +76,9 @@ def compile_model(
     import tvm
 
     registry = registry or get_registry()
-    chat_config, model_dir = read_chat_config(config)
     backend = registry.backend(device)
     opts = parse_opts(opt, backend)
+    chat_config, _ = read_chat_config(config)
     arch = registry.architecture(chat_config["model_type"])
     quant = registry.quantization(chat_config["quantization"])
     model_config = arch.config_class.from_dict(chat_config["model_config"])

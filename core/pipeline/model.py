@@ -26,6 +26,9 @@ class BuiltModel:
         ]
 
 
+POSITIVE_FIELDS = ("context_window_size", "prefill_chunk_size", "max_batch_size")
+
+
 def apply_overrides(config, overrides: dict) -> None:
     """Set config fields (``context_window_size=1024``) with type checks."""
     import dataclasses
@@ -38,6 +41,8 @@ def apply_overrides(config, overrides: dict) -> None:
             raise UnknownNameError(
                 f"unknown override '{key}'{did_you_mean(key, fields)}; valid: {', '.join(sorted(k for k in fields if k != 'kwargs'))}"
             )
+        if key in POSITIVE_FIELDS and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{key} must be positive, got {value!r}")
         setattr(config, key, value)
     if overrides:
         config.__post_init__()

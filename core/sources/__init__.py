@@ -123,7 +123,7 @@ def open_checkpoint(path, source_format: str = "auto", registry=None) -> Checkpo
             return spec.open(Path(path))
     root = Path(path)
     if root.is_dir():
-        checkpoint_dir(root)  # missing config.json is the likeliest reason
+        read_json(checkpoint_dir(root) / "config.json", "config.json")  # a missing/broken config is the likelier fault
         raise CheckpointError(
             f"no weights found in '{path}' (looked for model.safetensors, model.safetensors.index.json, "
             f"pytorch_model.bin; readable formats: {', '.join(registry.names('model_sources'))})"

@@ -1,0 +1,143 @@
+"""The plugin system: entry points, isolation of broken plugins, duplicates, blocking, listing.
+
+Plugins here are real distributions (a package plus its ``*.dist-info`` with entry points)
+written into a directory that a subprocess puts on its path, exactly as pip would leave them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def make_dist(site, name: str, code: str, entry: str | None = None, version: str = "0.1"):
+    """Write package ``name`` with ``code`` and a dist-info registering it in group ``kiln``."""
+    pkg = site / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(code))
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[kiln]\n{entry or name} = {name}\n")
+
+
+def kiln(site, *args, env=None):
+    environ = {**os.environ, "PYTHONPATH": str(site), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, env=environ)
+
+
+def listing(site, env=None) -> dict:
+    res = kiln(site, "plugins", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    return {p["name"]: p for p in json.loads(res.stdout)["plugins"]}
+
+
+def test_installed_plugins_are_listed_with_what_they_registered(tmp_path):
+    plugins = listing(tmp_path)
+    assert plugins["llama"]["status"] == "loaded"
+    assert plugins["llama"]["distribution"] == "kiln-llama" and plugins["llama"]["version"]
+    assert plugins["llama"]["registered"] == {"architectures": ["llama"]}
+    assert plugins["backends"]["registered"] == {"backends": ["cpu"]}
+    assert plugins["kiln.quantization"]["registered"]["quantizations"] == ["q0f32", "q0f16", "q4f16_1", "q4f32_1"]
+    assert "chatml" in plugins["kiln.conv_templates"]["registered"]["conv_templates"]
+    assert plugins["kiln.sources"]["registered"]["model_sources"] == ["huggingface-safetensors", "huggingface-torch"]
+    text = kiln(tmp_path, "plugins")
+    assert text.returncode == 0 and "llama  [loaded]  kiln-llama" in text.stdout
+
+
+def test_a_plugin_that_fails_to_import_is_isolated(tmp_path):
+    make_dist(tmp_path, "kiln_broken", "import does_not_exist_anywhere\n")
+    plugins = listing(tmp_path)
+    assert plugins["kiln_broken"]["status"] == "failed"
+    assert "ModuleNotFoundError" in plugins["kiln_broken"]["error"] and "does_not_exist_anywhere" in plugins["kiln_broken"]["error"]
+    assert plugins["llama"]["status"] == "loaded" and plugins["backends"]["status"] == "loaded"
+    text = kiln(tmp_path, "plugins").stdout
+    assert "kiln_broken  [failed]" in text and "error: ModuleNotFoundError" in text
+
+
+def test_a_plugin_whose_hook_raises_is_isolated(tmp_path):
+    make_dist(tmp_path, "kiln_raises", """
+        from kiln import hookimpl
+
+        @hookimpl
+        def register_conv_templates():
+            raise RuntimeError("template file missing")
+    """)
+    plugins = listing(tmp_path)
+    assert plugins["kiln_raises"]["status"] == "failed"
+    assert plugins["kiln_raises"]["error"] == "register_conv_templates raised RuntimeError: template file missing"
+    assert "chatml" in plugins["kiln.conv_templates"]["registered"]["conv_templates"]
+
+
+def test_a_misspelled_hook_fails_loudly(tmp_path):
+    make_dist(tmp_path, "kiln_typo", """
+        from kiln import hookimpl
+
+        @hookimpl
+        def register_architecture():
+            return []
+    """)
+    plugins = listing(tmp_path)
+    assert plugins["kiln_typo"]["status"] == "failed"
+    assert plugins["kiln_typo"]["error"] == (
+        "implements unknown hook(s): register_architecture (did you mean 'register_architectures'?)"
+    )
+
+
+def test_duplicate_registrations_are_an_error_naming_both_plugins(tmp_path):
+    make_dist(tmp_path, "kiln_dup", """
+        from kiln import hookimpl
+        from kiln.specs import QuantizationSpec
+        from kiln.quantization import NoQuant
+
+        @hookimpl
+        def register_quantizations():
+            return [QuantizationSpec("q4f16_1", NoQuant("float16"))]
+    """)
+    res = kiln(tmp_path, "plugins")
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        "error: quantization 'q4f16_1' is registered twice: by plugin 'kiln.quantization' and by plugin 'kiln_dup'; "
+        "uninstall one of them or block one with KILN_DISABLE_PLUGINS=kiln_dup"
+    )
+    # blocking one of them resolves it
+    plugins = listing(tmp_path, env={"KILN_DISABLE_PLUGINS": "kiln_dup"})
+    assert plugins["kiln_dup"]["status"] == "disabled"
+
+
+def test_disabled_plugins_are_blocked_and_their_absence_is_explained(tmp_path):
+    plugins = listing(tmp_path, env={"KILN_DISABLE_PLUGINS": "llama, backends"})
+    assert plugins["llama"]["status"] == "disabled" and plugins["backends"]["status"] == "disabled"
+    assert plugins["llama"]["registered"] == {}
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"lm_head.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "ckpt" / "model.safetensors"))
+    res = kiln(tmp_path, "gen_config", str(tmp_path / "ckpt"), "-q", "q0f32", "-o", str(tmp_path / "o"),
+               env={"KILN_DISABLE_PLUGINS": "llama"})
+    assert res.returncode == 2
+    assert "error: architecture 'LlamaForCausalLM' is not served by any installed plugin: pip install kiln-llama" in res.stderr
+    res = kiln(tmp_path, "compile", str(tmp_path / "o"), "--device", "cpu", "-o", "x.so",
+               env={"KILN_DISABLE_PLUGINS": "backends"})
+    assert "error: device 'cpu' is not installed: pip install kiln-backends" in res.stderr
+
+
+def test_plugin_manager_is_created_without_import_side_effects():
+    code = "import kiln.plugins, kiln.registry; print(kiln.registry._registry is None)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("hook", ["register_architectures", "register_quantizations", "register_backends",
+                                  "register_conv_templates", "register_model_sources", "register_commands",
+                                  "resolve_architecture"])
+def test_every_hook_is_documented(hook):
+    from kiln import hookspecs
+
+    doc = getattr(hookspecs, hook).__doc__
+    assert "Called:" in doc and "Returns:" in doc
