@@ -28,8 +28,10 @@ class ArchitectureSpec:
         weight_map: ``config -> {kiln parameter name: WeightSource}`` listing only the
             parameters that differ from the checkpoint (fused projections, renames); every
             other parameter is read from the checkpoint tensor of the same name.
-        gguf_map: optional ``(gguf metadata) -> (hf config dict, {gguf tensor name: hf name})``
-            used by the GGUF model source.
+        gguf_map: optional ``(metadata: kiln.sources.gguf.GGUFMetadata, tensors: {gguf name: shape})
+            -> kiln.sources.gguf.GGUFMapping | None``: the Hugging Face style config and
+            ``{hf tensor name: gguf name | GGUFTensor(name, transform)}`` for a GGUF file of this
+            architecture, or ``None`` when the file is not one.  Used by the GGUF model source.
         default_conv_template: template used by ``gen_config`` when none is given.
         package: the distribution that provides it (used in install hints).
     """

@@ -43,7 +43,7 @@ def test_installed_plugins_are_listed_with_what_they_registered(tmp_path):
     assert plugins["backends"]["registered"] == {"backends": ["cpu"]}
     assert plugins["kiln.quantization"]["registered"]["quantizations"] == ["q0f32", "q0f16", "q4f16_1", "q4f32_1"]
     assert "chatml" in plugins["kiln.conv_templates"]["registered"]["conv_templates"]
-    assert plugins["kiln.sources"]["registered"]["model_sources"] == ["huggingface-safetensors", "huggingface-torch"]
+    assert plugins["kiln.sources"]["registered"]["model_sources"] == ["huggingface-safetensors", "huggingface-torch", "gguf"]
     text = kiln(tmp_path, "plugins")
     assert text.returncode == 0 and "llama  [loaded]  kiln-llama" in text.stdout
 

