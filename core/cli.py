@@ -111,6 +111,38 @@ def compile_cmd(
     typer.echo(f"model library written to {out}")
 
 
+# ---------------------------------------------------------------------------------- runtime
+@app.command("chat")
+def chat_cmd(
+    model: str = typer.Argument(..., help="kiln model directory (mlc-chat-config.json + weights)."),
+    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library."),
+    device: str = typer.Option("auto", "--device", "-d", help="Device to run on (auto: the library's)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this and exit (stdin works too)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0: greedy)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest answer, in tokens."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    context_window_size: Optional[int] = typer.Option(None, "--context-window-size", help="Shorter context (less memory)."),
+    max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="KV-cache size in tokens."),
+):
+    """Chat with a model in the terminal (or answer one --prompt / stdin for scripts)."""
+    from .runtime.chat_cli import interactive, one_shot
+    from .runtime.chat_module import ChatModule, GenerationConfig
+
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            from .errors import UsageError
+
+            raise UsageError("no prompt: stdin was empty")
+    config = GenerationConfig(temperature=temperature, max_gen_len=max_tokens, seed=seed)
+    with ChatModule(model, model_lib, device, generation_config=config,
+                    context_window_size=context_window_size, max_total_tokens=max_total_tokens) as cm:
+        if prompt is not None:
+            one_shot(cm, prompt)
+        else:
+            interactive(cm)
+
+
 # ---------------------------------------------------------------------------------- plugins
 @app.command("plugins")
 def plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):

@@ -1,0 +1,103 @@
+"""ChatModule (the seed's Python interface) and `kiln chat` (interactive and one-shot)."""
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kiln import ChatModule
+from kiln.callback import StreamToStdout
+from kiln.errors import ConfigError, MismatchError
+from kiln.runtime.chat_cli import interactive
+from kiln.testing import make_hf_checkpoint, write_byte_tokenizer
+
+from test_engine import CONFIG
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, kiln_build):
+    ckpt = make_hf_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt", CONFIG, init_std=0.1)
+    write_byte_tokenizer(ckpt)
+    return kiln_build(ckpt, "q0f32", conv_template="chatml", context_window_size=256, prefill_chunk_size=32)
+
+
+@pytest.fixture(scope="module")
+def cm(built):
+    with ChatModule(model=built.model_dir, model_lib_path=built.lib, device="cpu") as module:
+        module.generation_config.temperature = 0
+        module.generation_config.max_gen_len = 12
+        yield module
+
+
+def test_generate_streams_to_stdout_and_keeps_history(cm, capsys):
+    cm.reset_chat()
+    reply = cm.generate(prompt="What is the meaning of life?", progress_callback=StreamToStdout(callback_interval=2))
+    out = capsys.readouterr().out
+    assert out == reply + "\n"
+    assert cm.history == [{"role": "user", "content": "What is the meaning of life?"},
+                          {"role": "assistant", "content": reply}]
+    cached_before = cm.engine.stats.cached_prompt_tokens
+    second = cm.generate("And then?")
+    # the second turn reuses the KV cache of the first turn's prompt (at least) instead of
+    # recomputing it (the random model's reply bytes need not survive a text round trip)
+    first_prompt = cm.engine.tokenizer.encode(cm.engine.conversation.render(cm.history[:1]))
+    assert cm.engine.stats.cached_prompt_tokens - cached_before >= len(first_prompt)
+    assert len(cm.history) == 4 and cm.history[-1]["content"] == second
+    stats = cm.stats()
+    assert stats.startswith("prefill: ") and " tok/s, decode: " in stats and stats.endswith(" tok/s")
+    cm.reset_chat()
+    assert cm.history == [] and cm.generate("What is the meaning of life?") == reply
+
+
+def test_missing_model_and_foreign_library_are_refused(built, tmp_path, kiln_build):
+    with pytest.raises(ConfigError, match="model '.*nowhere' not found"):
+        ChatModule(model=tmp_path / "nowhere", model_lib_path=built.lib)
+    other = make_hf_checkpoint(tmp_path / "other", {**CONFIG, "num_hidden_layers": 3})
+    write_byte_tokenizer(other)
+    foreign = kiln_build(other, "q0f32", conv_template="chatml")
+    with pytest.raises(MismatchError, match="num_hidden_layers"):
+        ChatModule(model=built.model_dir, model_lib_path=foreign.lib)
+
+
+def test_interactive_commands(cm):
+    cm.reset_chat()
+    script = "/help\n/set temperature=0;max_gen_len=5\n/set nonsense=1\nhello\n/stats\n/reset\n/bogus\n/exit\n"
+    out = io.StringIO()
+    interactive(cm, inp=io.StringIO(script), out=out)
+    text = out.getvalue()
+    assert "/reset" in text and "/stats" in text  # the help
+    assert "set temperature=0.0, max_gen_len=5" in text
+    assert "error: cannot set 'nonsense=1'" in text
+    assert "prefill: " in text and "conversation reset" in text and "unknown command /bogus" in text
+    assert cm.history == []
+
+
+def kiln_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, env={**os.environ, "KILN_NO_PROGRESS": "1"})
+
+
+def test_kiln_chat_one_shot_prompt_and_stdin(built, cm):
+    res = kiln_cli("chat", built.model_dir, "--model-lib", built.lib, "--prompt", "hello", "--temperature", "0",
+                   "--max-tokens", "8")
+    assert res.returncode == 0, res.stderr
+    cm.reset_chat()
+    cm.generation_config.max_gen_len = 8
+    assert res.stdout == cm.generate("hello") + "\n"
+    assert "Total memory usage:" in res.stderr and "Parameters:" in res.stderr and "KVCache:" in res.stderr
+    piped = kiln_cli("chat", built.model_dir, "--model-lib", built.lib, "--temperature", "0", "--max-tokens", "8",
+                     stdin="hello\n")
+    assert piped.returncode == 0 and piped.stdout == res.stdout
+
+
+def test_kiln_chat_errors(built, tmp_path):
+    res = kiln_cli("chat", tmp_path / "nowhere", "--prompt", "hi")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: model '{tmp_path / 'nowhere'}' not found: give a kiln model directory (made by `kiln convert_weight` "
+        "and `kiln gen_config`)"]
+    res = kiln_cli("chat", built.model_dir, "--model-lib", tmp_path / "missing.so", "--prompt", "hi")
+    assert res.returncode == 1 and "missing.so' does not exist" in res.stderr
+    res = kiln_cli("chat", built.model_dir, "--model-lib", built.lib, "--device", "cuda", "--prompt", "hi")
+    assert res.returncode != 0 and "error: " in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,254 @@
+"""The engine against transformers, and its scheduling, sampling and stopping behaviour.
+
+The model is a small random Llama with a byte-level tokenizer (every byte one token), so
+multi-byte characters and stop strings always arrive split over several tokens.
+"""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from kiln import Engine
+from kiln.errors import RequestError
+from kiln.runtime.sampler import log_softmax
+from kiln.testing import BYTE_SPECIALS, hf_greedy, hf_logits, hf_model, make_hf_checkpoint, write_byte_tokenizer
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 260,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+}
+EOS = 256 + BYTE_SPECIALS.index("</s>")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("engine") / "ckpt", CONFIG, init_std=0.1)
+    write_byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(checkpoint, kiln_build):
+    return kiln_build(checkpoint, "q0f32", conv_template="chatml", context_window_size=256, prefill_chunk_size=32,
+                      max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def engine(built):
+    with Engine(built.model_dir, built.lib) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return hf_model(checkpoint)
+
+
+def prompt(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, n).tolist()
+
+
+def greedy(engine, tokens, n=16, **kw):
+    out = engine.completions.create(prompt=tokens, max_tokens=n, temperature=0, ignore_eos=True, **kw)
+    return out
+
+
+def test_top_logprobs_equal_transformers(engine, reference):
+    for n in (1, 9, 40):
+        tokens = prompt(n, seed=n)
+        out = engine.completions.create(prompt=tokens, max_tokens=1, temperature=0, logprobs=5, ignore_eos=True)
+        ref = log_softmax(hf_logits(reference, tokens)[-1])
+        top = np.argsort(-ref)[:5]
+        got = out.choices[0].logprobs.top_logprobs[0]
+        assert list(got) == [engine.token_text(int(i)) for i in top]
+        np.testing.assert_allclose(list(got.values()), ref[top], atol=1e-4)
+        assert out.choices[0].logprobs.token_logprobs[0] == pytest.approx(float(ref[top[0]]), abs=1e-4)
+
+
+def test_greedy_output_equals_transformers_generate(engine, reference):
+    tokens = prompt(12, seed=3)
+    out = greedy(engine, tokens, 24)
+    expected = hf_greedy(reference, tokens, 24)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == 12
+    assert out.choices[0].text == engine.tokenizer.decode(expected)
+
+
+def test_results_do_not_depend_on_batching(engine):
+    prompts = [prompt(n, seed=100 + n) for n in (3, 17, 40, 8, 65, 1, 29, 50)]
+    alone = [greedy(engine, p, 12).choices[0].text for p in prompts]
+    results = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i):
+        barrier.wait()
+        results[i] = greedy(engine, prompts[i], 12).choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    steps_before = engine.stats.decode_steps
+    tokens_before = engine.stats.decode_tokens
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    # they really ran together: far fewer decode steps than tokens
+    steps = engine.stats.decode_steps - steps_before
+    assert (engine.stats.decode_tokens - tokens_before) / steps > 3
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    kw = dict(prompt=prompt(10, seed=7), max_tokens=20, temperature=1.0, top_p=0.9, ignore_eos=True)
+    a = engine.completions.create(seed=42, **kw).choices[0].text
+    b = engine.completions.create(seed=42, **kw).choices[0].text
+    c = engine.completions.create(seed=43, **kw).choices[0].text
+    assert a == b and a != c
+
+
+def test_n_returns_independent_choices(engine):
+    out = engine.completions.create(prompt=prompt(10, seed=8), max_tokens=12, temperature=1.0, n=3, seed=5,
+                                    ignore_eos=True)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len({c.text for c in out.choices}) == 3
+    assert out.usage.completion_tokens == 36
+    # choice i of a seeded request is reproducible
+    again = engine.completions.create(prompt=prompt(10, seed=8), max_tokens=12, temperature=1.0, n=3, seed=5,
+                                      ignore_eos=True)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+
+
+def test_stop_strings_split_across_tokens_are_caught_and_hidden(engine):
+    tokens = prompt(12, seed=3)
+    text = greedy(engine, tokens, 24).choices[0].text
+    assert len(text) > 8
+    stop = text[5:8]  # three bytes: three tokens at least
+    out = engine.completions.create(prompt=tokens, max_tokens=24, temperature=0, stop=[stop, "\x00never"],
+                                    ignore_eos=True)
+    assert out.choices[0].text == text[: text.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in engine.completions.create(
+        prompt=tokens, max_tokens=24, temperature=0, stop=stop, ignore_eos=True, stream=True) if c.choices)
+    assert streamed == out.choices[0].text
+
+
+def test_stop_token_ids_and_eos(engine, reference):
+    tokens = prompt(12, seed=3)
+    ids = hf_greedy(reference, tokens, 10)  # kiln's greedy tokens (equal, see above)
+    out = engine.completions.create(prompt=tokens, max_tokens=10, temperature=0, stop_token_ids=[ids[4]],
+                                    ignore_eos=True)
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == engine.tokenizer.decode(ids[:ids.index(ids[4])])
+    assert out.usage.completion_tokens == ids.index(ids[4]) + 1
+    biased = engine.completions.create(prompt=tokens, max_tokens=10, temperature=0, logit_bias={EOS: 100})
+    assert biased.choices[0].text == "" and biased.choices[0].finish_reason == "stop"
+    assert biased.usage.completion_tokens == 1
+
+
+def test_streaming_joins_to_the_non_streamed_answer(engine):
+    tokens = prompt(30, seed=11)
+    full = greedy(engine, tokens, 40).choices[0].text
+    chunks = list(engine.completions.create(prompt=tokens, max_tokens=40, temperature=0, ignore_eos=True, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].usage.completion_tokens == 40 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_streaming_never_splits_a_character(engine):
+    """Sampled bytes from a random model form many multi-byte sequences (valid and not); a
+    stream that emitted part of a character early would show a replacement character the whole
+    text does not have, so the joined chunks would differ from it."""
+    for seed in range(6):
+        # top_p=1: a random model's nearly flat distribution puts many tokens right at a top_p
+        # cut, where float noise from the prefix cache decides membership
+        kw = dict(prompt=prompt(8, seed=seed) + list("日本語😀".encode()), max_tokens=40, temperature=1.5,
+                  top_p=1.0, seed=seed, ignore_eos=True)
+        full = engine.completions.create(**kw).choices[0].text
+        chunks = [c.choices[0].text for c in engine.completions.create(stream=True, **kw) if c.choices]
+        assert "".join(chunks) == full
+
+
+def test_chat_completion_uses_the_template(engine, reference):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    out = engine.chat.completions.create(messages=messages, max_tokens=8, temperature=0)
+    rendered = engine.conversation.render(messages)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    expected = engine.completions.create(prompt=engine.tokenizer.encode(rendered), max_tokens=8, temperature=0,
+                                         stop=["<|im_end|>"])
+    assert out.choices[0].message.content == expected.choices[0].text
+    assert out.choices[0].message.role == "assistant" and out.object == "chat.completion"
+    d = out.to_dict()
+    assert d["choices"][0]["message"]["content"] == out.choices[0].message.content
+    assert json.loads(out.to_json())["usage"]["total_tokens"] == out.usage.total_tokens
+    stream = list(engine.chat.completions.create(messages=messages, max_tokens=8, temperature=0, stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == out.choices[0].message.content
+
+
+def test_multi_turn_reuses_the_kv_cache_of_earlier_turns(engine):
+    messages = [{"role": "user", "content": "tell me something long"}]
+    first = engine.chat.completions.create(messages=messages, max_tokens=20, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "and more"}]
+    second = engine.chat.completions.create(messages=messages, max_tokens=10, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens
+    engine.clear_prefix_cache()
+    fresh = engine.chat.completions.create(messages=messages, max_tokens=10, temperature=0)
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.choices[0].message.content == second.choices[0].message.content
+
+
+def test_prompt_longer_than_context_is_refused(engine):
+    with pytest.raises(RequestError, match="the prompt has 300 tokens, more than the model's context window of 256"):
+        engine.completions.create(prompt=prompt(300), max_tokens=1)
+    out = engine.completions.create(prompt=prompt(300), max_tokens=2, truncate_prompt_tokens=100, temperature=0)
+    assert out.usage.prompt_tokens == 100
+    near = engine.completions.create(prompt=prompt(250), max_tokens=50, temperature=0, ignore_eos=True)
+    assert near.choices[0].finish_reason == "length" and near.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"logit_bias": {9999: 1}}, "logit_bias"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+    ],
+)
+def test_bad_sampling_values_are_refused(engine, kw, param):
+    with pytest.raises(RequestError) as info:
+        engine.completions.create(prompt=[1, 2, 3], **kw)
+    assert info.value.param == param
+
+
+def test_cancelled_and_finished_requests_free_their_kv_pages(engine):
+    engine.clear_prefix_cache()
+    assert engine.kv_pages_in_use() == 0
+    streams = []
+    for i in range(200):
+        it = engine.completions.create(prompt=prompt(5 + i % 40, seed=i), max_tokens=8, temperature=0,
+                                       ignore_eos=True, stream=True)
+        if i % 2:
+            next(iter(it))  # start, then abandon mid-stream
+            it.close()
+        else:
+            streams.append(it)
+    for it in streams:
+        list(it)
+    assert engine.wait_idle(60)
+    engine.clear_prefix_cache()
+    assert engine.kv_pages_in_use() == 0
