@@ -31,7 +31,7 @@ def main(argv=None):
     from tvm import te
 
     from kiln.modeling import dense
-    from kiln.quantization import GroupQuant, dequantize_q4
+    from kiln.quantization import GroupQuant, dequantize_groups
     from kiln.quantization.layers import q_dense
     from kiln_backends.cpu import host_target
     from kiln_backends.cpu_schedules import schedule_pass
@@ -57,7 +57,7 @@ def main(argv=None):
                 X, QW := te.placeholder(qw.shape, "uint32", name="qw"), QS := te.placeholder(qs.shape, "float32", name="qs"),
                 q_dense(X, QW, QS, bits=4, group_size=32),
             ]),
-            [x, qw, qs], x @ dequantize_q4(qw, qs).T, qw.nbytes + qs.nbytes,
+            [x, qw, qs], x @ dequantize_groups(qw, qs).T, qw.nbytes + qs.nbytes,
         ),
     }
     print(f"target {target}  threads {os.environ.get('TVM_NUM_THREADS')}  M={m} N={n} K={k}")

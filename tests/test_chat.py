@@ -9,7 +9,7 @@ import pytest
 
 from kiln import ChatModule
 from kiln.callback import StreamToStdout
-from kiln.errors import ConfigError, MismatchError
+from kiln.errors import CheckpointError, MismatchError
 from kiln.runtime.chat_cli import interactive
 from kiln.testing import make_hf_checkpoint, write_byte_tokenizer
 
@@ -52,7 +52,7 @@ def test_generate_streams_to_stdout_and_keeps_history(cm, capsys):
 
 
 def test_missing_model_and_foreign_library_are_refused(built, tmp_path, kiln_build):
-    with pytest.raises(ConfigError, match="model '.*nowhere' not found"):
+    with pytest.raises(CheckpointError, match="model '.*nowhere' not found: give a kiln model directory"):
         ChatModule(model=tmp_path / "nowhere", model_lib_path=built.lib)
     other = make_hf_checkpoint(tmp_path / "other", {**CONFIG, "num_hidden_layers": 3})
     write_byte_tokenizer(other)
@@ -95,8 +95,8 @@ def test_kiln_chat_one_shot_prompt_and_stdin(built, cm):
 def test_kiln_chat_errors(built, tmp_path):
     res = kiln_cli("chat", tmp_path / "nowhere", "--prompt", "hi")
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
-        f"error: model '{tmp_path / 'nowhere'}' not found: give a kiln model directory (made by `kiln convert_weight` "
-        "and `kiln gen_config`)"]
+        f"error: model '{tmp_path / 'nowhere'}' not found: give a kiln model directory, a Hugging Face checkpoint "
+        "directory, a .gguf file, or the name of a packaged model (installed: smollm2)"]
     res = kiln_cli("chat", built.model_dir, "--model-lib", tmp_path / "missing.so", "--prompt", "hi")
     assert res.returncode == 1 and "missing.so' does not exist" in res.stderr
     res = kiln_cli("chat", built.model_dir, "--model-lib", built.lib, "--device", "cuda", "--prompt", "hi")

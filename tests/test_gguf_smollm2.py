@@ -111,14 +111,24 @@ def test_config_and_tokenizer_files_come_from_the_gguf(built):
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
 
 
-def test_logits_match_transformers_loading_the_same_gguf(smollm2, built, hf_tokenizer):
+@pytest.fixture(scope="module")
+def reference(smollm2):
     import torch
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("quantization", ["q0f32", "q4f32_2"])
+def test_logits_match_transformers_loading_the_same_gguf(smollm2, kiln_build, reference, hf_tokenizer, quantization):
+    """float32 weights, and 4-bit weights in llama.cpp's Q4_1 layout (q4f32_2: the file's own
+    Q4_1 blocks carried over without loss), both give transformers' logits."""
+    import torch
+
     from kiln.runtime.model import LoadedModel
 
-    reference = AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
-                                                     dtype=torch.float32).eval()
+    built = kiln_build(smollm2, quantization, conv_template=None)
     model = LoadedModel(built.model_dir, built.lib)
     model.create_kv_cache(max_batch_size=1, max_total_tokens=512, prefill_chunk_size=64)
     prompts = [

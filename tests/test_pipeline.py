@@ -139,7 +139,9 @@ def test_cli_error_is_one_line_and_debug_shows_traceback(tmp_path):
            "-o", str(tmp_path / "o")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines() == [f"error: checkpoint '{tmp_path / 'nope'}' does not exist"]
+    assert res.stderr.strip().splitlines() == [
+        f"error: checkpoint '{tmp_path / 'nope'}' not found: give a Hugging Face checkpoint directory, a .gguf file, "
+        "or the name of a packaged model (installed: smollm2)"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "KILN_DEBUG": "1"})
     assert res.returncode != 0 and "Traceback" in res.stderr
 
@@ -212,7 +214,7 @@ def test_model_type_option_overrides_detection(broken_checkpoints, tmp_path, cap
     "argv,code,message",
     [
         (["convert_weight", "{ckpt}", "-q", "q3f7", "-o", "{tmp}/o"], 2,
-         "unknown quantization 'q3f7'; installed: q0f16, q0f32, q4f16_1, q4f32_1"),
+         "unknown quantization 'q3f7'; installed: q0f16, q0f32, q4f16_1, q4f16_2, q4f32_1, q4f32_2"),
         (["convert_weight", "{ckpt}", "-q", "q0f32", "-o", "{tmp}/o", "--source-format", "gguff"], 2,
          "unknown model source 'gguff'"),
         (["gen_config", "{ckpt}", "-q", "q0f32", "-o", "{tmp}/o", "--conv-template", "vicuna"], 2,

@@ -41,7 +41,8 @@ def test_installed_plugins_are_listed_with_what_they_registered(tmp_path):
     assert plugins["llama"]["distribution"] == "kiln-llama" and plugins["llama"]["version"]
     assert plugins["llama"]["registered"] == {"architectures": ["llama"]}
     assert plugins["backends"]["registered"] == {"backends": ["cpu"]}
-    assert plugins["kiln.quantization"]["registered"]["quantizations"] == ["q0f32", "q0f16", "q4f16_1", "q4f32_1"]
+    assert plugins["kiln.quantization"]["registered"]["quantizations"] == ["q0f32", "q0f16", "q4f16_1", "q4f32_1", "q4f16_2",
+                                                                              "q4f32_2"]
     assert "chatml" in plugins["kiln.conv_templates"]["registered"]["conv_templates"]
     assert plugins["kiln.sources"]["registered"]["model_sources"] == ["huggingface-safetensors", "huggingface-torch", "gguf"]
     text = kiln(tmp_path, "plugins")

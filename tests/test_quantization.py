@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kiln.pipeline.tensor_cache import param_records, read_index
-from kiln.quantization import dequantize_q4, pack_q4, quantize_q4
+from kiln.quantization import dequantize_groups, pack_codes, quantize_groups
 from kiln.runtime.model import LoadedModel
 from kiln.testing import dequantized_checkpoint, hf_greedy, hf_logits, hf_model, kiln_greedy, make_hf_checkpoint
 
@@ -56,21 +56,67 @@ def test_packing_matches_reference_bit_for_bit(scale_dtype):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((12, 96)) * 0.3).astype(np.float32)
     w[3, 32:64] = 0.0  # an all-zero group
-    codes, scales = quantize_q4(w, 32, scale_dtype)
-    words = pack_q4(codes)
+    codes, scales, minimum = quantize_groups(w, 32, scale_dtype)
+    words = pack_codes(codes)
+    assert minimum is None
     ref_words, ref_scales = reference_q4(w, scale_dtype)
     assert words.dtype == np.uint32 and words.shape == (12, 12)
     assert np.array_equal(words, ref_words)
     assert scales.dtype == np.dtype(scale_dtype) and np.array_equal(scales, ref_scales)
 
 
-def test_dequantized_weight_is_within_half_a_step():
+def reference_q4_asymmetric(w: np.ndarray):
+    """Plain reference for llama.cpp's Q4_1 layout as kiln stores it (float16 scale and minimum):
+    min = min(w), scale = (max(w) - min) / 15, code = clamp(round((w - min) / scale), 0, 15)."""
+    n, k = w.shape
+    words = np.zeros((n, k // 8), dtype=np.uint32)
+    scales = np.zeros((n, k // 32), dtype=np.float16)
+    mins = np.zeros((n, k // 32), dtype=np.float16)
+    for row in range(n):
+        for g in range(k // 32):
+            group = w[row, g * 32:(g + 1) * 32].astype(np.float32)
+            lo = np.float16(group.min())
+            scale = np.float16((group.max() - np.float32(lo)) / np.float32(15))
+            scales[row, g], mins[row, g] = scale, lo
+            for i, value in enumerate(group):
+                code = 0 if scale == 0 else int(min(max(np.round((value - np.float32(lo)) / np.float32(scale)), 0), 15))
+                col = g * 32 + i
+                words[row, col // 8] |= np.uint32(code) << np.uint32(4 * (col % 8))
+    return words, scales, mins
+
+
+def test_asymmetric_packing_matches_reference_bit_for_bit():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((6, 96)) * 0.3 + 0.1).astype(np.float32)
+    w[2, :32] = 0.25  # a constant group: scale 0
+    codes, scales, minimum = quantize_groups(w, 32, "float16", symmetric=False)
+    ref_words, ref_scales, ref_mins = reference_q4_asymmetric(w)
+    assert np.array_equal(pack_codes(codes), ref_words)
+    assert np.array_equal(scales, ref_scales) and np.array_equal(minimum, ref_mins)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantized_weight_is_within_half_a_step(symmetric):
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
-    codes, scales = quantize_q4(w, 32, "float32")
-    back = dequantize_q4(pack_q4(codes), scales)
+    codes, scales, minimum = quantize_groups(w, 32, "float32", symmetric=symmetric)
+    back = dequantize_groups(pack_codes(codes), scales, minimum)
     step = np.repeat(scales, 32, axis=1)
-    assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+
+
+
+def test_asymmetric_requantization_of_grid_values_is_lossless():
+    """Weights already on a float16 scale/min grid (a GGUF Q4_1 file, dequantized) come back
+    exactly: converting Q4_1 into q4f32_2 loses nothing."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 16, (64, 256)).astype(np.uint8)
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # llama.cpp's Q4_1 puts the group's min and max on codes 0 and 15
+    scale = (rng.random((64, 8)) * 0.01 + 1e-3).astype(np.float16)
+    minimum = (-rng.random((64, 8)) * 0.1).astype(np.float16)
+    grid = dequantize_groups(pack_codes(codes), scale, minimum)
+    c2, s2, m2 = quantize_groups(grid, 32, "float16", symmetric=False)
+    np.testing.assert_array_equal(dequantize_groups(pack_codes(c2), s2, m2), grid)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +156,7 @@ def test_converted_weights_are_mlc_layout(checkpoint, kiln_build, quantization, 
     assert norm["dtype"] == ("float16" if quantization == "q4f16_1" else "float32")
 
 
-@pytest.mark.parametrize("quantization,atol", [("q4f32_1", 1e-4), ("q4f16_1", 3e-2)])
+@pytest.mark.parametrize("quantization,atol", [("q4f32_1", 1e-4), ("q4f16_1", 3e-2), ("q4f32_2", 1e-4)])
 def test_quantized_kernels_equal_dequantized_reference(checkpoint, kiln_build, tmp_path, quantization, atol):
     built = kiln_build(checkpoint, quantization)
     reference = hf_model(dequantized_checkpoint(checkpoint, built.model_dir, tmp_path / "deq"))
@@ -121,7 +167,7 @@ def test_quantized_kernels_equal_dequantized_reference(checkpoint, kiln_build, t
     got = model.prefill([0], [tokens], all_logits=True)
     model.remove_sequence(0)
     np.testing.assert_allclose(got, hf_logits(reference, tokens), atol=atol, rtol=0)
-    if quantization == "q4f32_1":
+    if quantization in ("q4f32_1", "q4f32_2"):
         assert kiln_greedy(model, tokens[:10], 16) == hf_greedy(reference, tokens[:10], 16)
 
 

@@ -30,7 +30,8 @@ class QuantScheme(Protocol):
     def quantize_model(self, model) -> QuantizePlan: ...
 
 
-from .group import GroupQuant, dequantize_q4, pack_q4, quantize_q4  # noqa: E402
+from .group import GroupQuant, dequantize_groups, pack_codes, quantize_groups, unpack_codes  # noqa: E402
 from .noquant import NoQuant  # noqa: E402
 
-__all__ = ["QuantScheme", "QuantizePlan", "GroupQuant", "NoQuant", "quantize_q4", "dequantize_q4", "pack_q4"]
+__all__ = ["QuantScheme", "QuantizePlan", "GroupQuant", "NoQuant", "quantize_groups", "dequantize_groups",
+           "pack_codes", "unpack_codes"]

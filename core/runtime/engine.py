@@ -37,6 +37,8 @@ from .sampler import Sampler, SamplingParams, log_softmax
 log = logging.getLogger("kiln")
 
 _PREFIX_CACHE_ENTRIES = 4
+DEFAULT_BATCH = 8  # sequences decoded together unless asked otherwise
+DEFAULT_KV_BUDGET = 2 << 30  # bytes of KV cache unless asked otherwise
 _WAIT_IDLE = 0.05
 
 
@@ -110,8 +112,10 @@ class Engine:
     """An OpenAI-style engine over one compiled model.
 
     ``Engine(model, model_lib=None, device="auto", max_batch_size=None, max_total_tokens=None,
-    context_window_size=None, prefill_chunk_size=None, prefix_cache=True)``.
-    ``model`` is a kiln model directory (``mlc-chat-config.json`` + weights).
+    context_window_size=None, prefill_chunk_size=None, prefix_cache=True, quantization=None)``.
+    ``model`` is a kiln model directory, a Hugging Face checkpoint directory, a ``.gguf`` file or
+    a packaged model name (``smollm2``); what is not yet converted or compiled is built once into
+    the cache (``quantization`` picks the scheme then; default: the device's).
     """
 
     def __init__(
@@ -125,22 +129,23 @@ class Engine:
         context_window_size: int | None = None,
         prefill_chunk_size: int | None = None,
         prefix_cache: bool = True,
+        quantization: str | None = None,
     ):
         from .conversation import Conversation
         from .model import LoadedModel
         from .references import resolve_model
         from .tokenizer import Tokenizer
 
-        model_dir, lib = resolve_model(model, model_lib, device)
-        self.model = LoadedModel(model_dir, lib, device)
-        self.model_name = Path(model_dir).name if not isinstance(model, str) or Path(model).exists() else str(model)
+        prepared = resolve_model(model, model_lib, device, quantization)
+        self.model = LoadedModel(prepared.model_dir, prepared.lib, device)
+        self.model_name = prepared.name
         cfg = self.model.chat_config
         self.chat_config = cfg
         self.tokenizer = Tokenizer.from_model_dir(self.model.model_dir, cfg)
         self.conversation = Conversation.from_chat_config(cfg, tokenizer=self.tokenizer)
         lib_ctx = self.model.context_window_size
         self.context_window_size = min(context_window_size or lib_ctx, lib_ctx)
-        self.max_batch_size = min(max_batch_size or self.model.max_batch_size, self.model.max_batch_size)
+        self.max_batch_size = min(max_batch_size or DEFAULT_BATCH, self.model.max_batch_size)
         self.prefill_chunk_size = min(prefill_chunk_size or self.model.prefill_chunk_size, self.model.prefill_chunk_size)
         self.max_total_tokens = max_total_tokens or self._default_total_tokens()
         if self.max_total_tokens < self.context_window_size:
@@ -170,16 +175,16 @@ class Engine:
 
     # ------------------------------------------------------------------ setup helpers
     def _default_total_tokens(self) -> int:
-        """KV budget: every batch slot can hold a full context, within a quarter of the RAM."""
+        """KV budget: every batch slot can hold a full context, within min(RAM / 8, 2 GiB)."""
         want = self.context_window_size * self.max_batch_size
-        per_token = self.model.kv_bytes_per_token()
         try:
             import os
 
-            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
-            budget = 4 << 30
-        return max(min(want, budget // per_token), min(self.context_window_size, want))
+            ram = 8 << 30
+        budget = min(ram // 8, DEFAULT_KV_BUDGET)
+        return max(min(want, budget // self.model.kv_bytes_per_token()), min(self.context_window_size, want))
 
     def _log_memory(self):
         mb = 1 / (1 << 20)
@@ -226,9 +231,44 @@ class Engine:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
+    @property
+    def error(self) -> BaseException | None:
+        """The internal error that stopped the scheduler, if one did (requests then fail)."""
+        return self._error
+
     def kv_pages_in_use(self) -> int:
         """Pages held by sequences (generating ones and cached prefixes)."""
         return self.total_pages - self.model.free_pages()
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits ``[len(tokens), vocab]`` of every position of ``tokens`` (teacher forcing), run
+        on the scheduler thread between steps (for evaluations such as perplexity)."""
+        if not tokens or len(tokens) >= self.context_window_size:
+            raise RequestError(f"score needs 1..{self.context_window_size - 1} tokens, got {len(tokens)}")
+        result: dict = {}
+        done = threading.Event()
+
+        def run():
+            seq = next(self._seq_ids)
+            try:
+                if not self._ensure_pages(self._pages(len(tokens)) + 1):
+                    raise RequestError("the KV cache is too busy to score now", code="kv_cache_full")
+                self.model.add_sequence(seq)
+                try:
+                    chunks = [tokens[i:i + self.prefill_chunk_size] for i in range(0, len(tokens), self.prefill_chunk_size)]
+                    result["logits"] = np.concatenate([self.model.prefill([seq], [c], all_logits=True) for c in chunks])
+                finally:
+                    self.model.remove_sequence(seq)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                result["error"] = exc
+            finally:
+                done.set()
+
+        self._inbox.put(("call", run))
+        done.wait()
+        if "error" in result:
+            raise result["error"]
+        return result["logits"]
 
     def clear_prefix_cache(self) -> None:
         """Drop cached prefixes (runs on the scheduler thread)."""
@@ -436,7 +476,7 @@ class Engine:
                 return
             plans = [self._plan(c) for c in todo]
             need = sum(pages for _, _, pages in plans) + (req.n - 1 if fresh else 0)
-            if not self._ensure_pages(need, protect={parent for parent, _, _ in plans}):
+            if not self._ensure_pages(need + self._promised_pages(), protect={parent for parent, _, _ in plans}):
                 if not self._running and not self._prefilling:
                     self._waiting.popleft()
                     self._fail(req, RequestError(
@@ -453,6 +493,18 @@ class Engine:
             if fresh:
                 req.cached_tokens = req.choices[0].n_computed
                 self.stats.cached_prompt_tokens += req.cached_tokens
+
+    def _promised_pages(self) -> int:
+        """Pages that admitted sequences will still take before they decode (the rest of their
+        prompt, and the forks of a fresh request's other choices): free pages are only free
+        beyond these, or concurrent admissions and decode steps overfill the cache."""
+        total = 0
+        for c in self._prefilling:
+            feed = len(c.tokens) - (1 if c.pending is not None else 0)
+            total += self._pages(feed + 1) - self._pages(c.n_computed)
+            if c.pending is None:
+                total += sum(1 for o in c.request.choices if o is not c and o.seq_id < 0 and o.finish_reason is None)
+        return total
 
     def _plan(self, choice: _Choice) -> tuple[int, int, int]:
         """``(cached parent, shared tokens, new pages needed)`` for placing ``choice``."""
@@ -521,7 +573,7 @@ class Engine:
     def _decode_step(self):
         page = self.model.kv_config.page_size
         need = sum(1 for c in self._running if c.n_computed % page == 0)
-        while need and not self._ensure_pages(need):
+        while need and not self._ensure_pages(need + self._promised_pages()):
             victim = self._running[-1].request  # the newest request gives way
             self._preempt(victim)
             need = sum(1 for c in self._running if c.n_computed % page == 0)

