@@ -114,9 +114,13 @@ def compile_cmd(
 # ---------------------------------------------------------------------------------- runtime
 @app.command("chat")
 def chat_cmd(
-    model: str = typer.Argument(..., help="kiln model directory (mlc-chat-config.json + weights)."),
-    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library."),
-    device: str = typer.Option("auto", "--device", "-d", help="Device to run on (auto: the library's)."),
+    model: str = typer.Argument(..., help="Packaged model name (smollm2), .gguf file, Hugging Face checkpoint "
+                                      "directory or kiln model directory."),
+    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library (default: compiled "
+                                                                       "and cached on first use)."),
+    device: str = typer.Option("auto", "--device", "-d", help="Device to run on (auto: the best one present)."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Scheme when converting "
+                                                                                  "(default: the device's)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this and exit (stdin works too)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0: greedy)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest answer, in tokens."),
@@ -135,12 +139,76 @@ def chat_cmd(
 
             raise UsageError("no prompt: stdin was empty")
     config = GenerationConfig(temperature=temperature, max_gen_len=max_tokens, seed=seed)
-    with ChatModule(model, model_lib, device, generation_config=config,
+    with ChatModule(model, model_lib, device, generation_config=config, quantization=quantization,
                     context_window_size=context_window_size, max_total_tokens=max_total_tokens) as cm:
         if prompt is not None:
             one_shot(cm, prompt)
         else:
             interactive(cm)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Argument(..., help="What `kiln chat` takes: packaged model name, .gguf file, Hugging Face "
+                                      "checkpoint directory or kiln model directory."),
+    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library."),
+    device: str = typer.Option("auto", "--device", "-d", help="Device to run on."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Scheme when converting "
+                                                                                  "(default: the device's)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="KILN_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on /v1 (the environment variable keeps it out of `ps`)."),
+    allowed_origins: Optional[str] = typer.Option(
+        None, "--allowed-origins", help="CORS: comma-separated origins that may call the API ('*': any)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests that may wait beyond a full batch; more get 429."),
+    max_body_bytes: int = typer.Option(8 << 20, "--max-body-bytes", help="Largest request body; larger gets 413."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Most sequences decoded together."),
+    context_window_size: Optional[int] = typer.Option(None, "--context-window-size", help="Shorter context (less memory)."),
+    max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="KV-cache size in tokens."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache",
+                                      help="Keep finished sequences' KV for later requests that share the prefix."),
+    shutdown_grace: float = typer.Option(5.0, "--shutdown-grace", help="Seconds requests in flight may run on after "
+                                                                        "SIGINT/SIGTERM before they are cancelled."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every HTTP request."),
+):
+    """Serve a model through an OpenAI-compatible REST API (/v1/chat/completions, /v1/completions, ...)."""
+    from .runtime.server import serve
+
+    serve(model, model_lib, device, host=host, port=port, api_key=api_key, allowed_origins=allowed_origins,
+          max_queue=max_queue, max_body_bytes=max_body_bytes, max_batch_size=max_batch_size,
+          context_window_size=context_window_size, max_total_tokens=max_total_tokens, prefix_cache=prefix_cache,
+          shutdown_grace=shutdown_grace, access_log=access_log, quantization=quantization)
+
+
+# ---------------------------------------------------------------------------------- cache
+cache_app = typer.Typer(help="The compile cache ($KILN_HOME, default ~/.cache/kiln).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List cached models and libraries."""
+    from .pipeline.jit import kiln_home, list_entries
+
+    entries = list_entries()
+    if as_json:
+        typer.echo(json.dumps({"home": str(kiln_home()), "entries": entries}, indent=2))
+        return
+    typer.echo(f"{kiln_home()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for e in entries:
+        state = "" if e["complete"] else "  [incomplete: rebuilt on next use]"
+        typer.echo(f"  {Path(e['path']).name}  {e['size'] / 1e6:.1f} MB  {e['device']}  {e['source']}{state}")
+
+
+@cache_app.command("clear")
+def cache_clear_cmd(entries: Optional[list[str]] = typer.Argument(None, help="Entries to remove (default: all).")):
+    """Remove cached models and libraries (all, or the named entries)."""
+    from .pipeline.jit import clear
+
+    removed = clear(entries)
+    typer.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
 
 
 # ---------------------------------------------------------------------------------- plugins
