@@ -38,7 +38,7 @@ log = logging.getLogger("kiln")
 
 MANIFEST = "kiln-cache.json"
 # chosen by measurement on SmolLM2-135M (see README, "Choosing the CPU quantization")
-DEFAULT_QUANTIZATION = {"cpu": "q4f32_1"}
+DEFAULT_QUANTIZATION = {"cpu": "q4f32_2"}
 FALLBACK_QUANTIZATION = "q4f16_1"
 # JIT libraries allow this many concurrent sequences; the engine picks its own batch below it
 JIT_MAX_BATCH = 32
@@ -218,6 +218,9 @@ def prepare(model, model_lib=None, device: str = "auto", quantization: str | Non
 
     target = str(make_target(backend, parse_opts(opts, backend)))
     home = kiln_home()
+    # a new version of the plugin that lowers the model (its schedules) must not reuse old libraries
+    plugin = registry.plugins.get(registry.owner("backends", backend.name))
+    target += f" [{plugin.distribution} {plugin.version}]" if plugin is not None else ""
 
     if source.is_dir() and (source / CHAT_CONFIG).is_file():  # a kiln model directory
         if quantization is not None:

@@ -74,7 +74,16 @@ class _SafeRule(ScheduleRule):
 
 
 class MatmulRule(_SafeRule):
-    """``out[..., n] = sum_k x[..., k] * W(n, k)`` with optional element-wise epilogues."""
+    """``out[..., n] = sum_k x[..., k] * W(n, k)`` with optional element-wise epilogues.
+
+    Float weights: the reduction over K is split into vector-width lanes (``rfactor``), one
+    accumulator vector per output element.  Packed low-bit weights (two reduction axes: packed
+    word x code within the word): the lanes are the codes of one word (a broadcast word shifted by
+    a lane vector, contiguous activations, one scale per word), and the words of a 32-weight group
+    are unrolled, each with its own accumulator, so scale loads are per group and the unpacking of
+    one word overlaps the multiply-adds of the others.  Output rows are spread over threads; the
+    batch/sequence rows run inside each thread so a tile of weight rows is reused from cache.
+    """
 
     rows_per_task = 8  # weight rows computed together (reused across the batch rows)
 
@@ -87,8 +96,7 @@ class MatmulRule(_SafeRule):
         if len(main) != 1 or main[0].name not in MATMUL_BLOCKS:
             return None
         main = main[0]
-        idx = infos.index(main)
-        if idx != 0 or not all(i.is_injective() for i in infos[1:]):
+        if infos.index(main) != 0 or not all(i.is_injective() for i in infos[1:]):
             return None
         kinds = main.dom_kind()
         n_spatial = len(kinds.rstrip("R"))
@@ -97,36 +105,41 @@ class MatmulRule(_SafeRule):
         lanes = vector_bits(target) // 32
         block = main.block_rv
         loops = sch.get_loops(block)
-        m_loops, n_loop, r_loops = loops[: n_spatial - 1], loops[n_spatial - 1], loops[n_spatial:]
+        r_loops = loops[n_spatial:]
 
-        # 1. the reduction as vector lanes
-        if len(r_loops) == 2:  # (packed word, lane in word)
+        # 1. the reduction as vector lanes: (unrolled words x codes of a word) or (vector of K)
+        if len(r_loops) == 2:
             words, per_word = r_loops
             per = _extent(sch, per_word) or 1
-            f = _largest_divisor(_extent(sch, words), [max(lanes // per, 1), 2, 1])
-            _, word_in = sch.split(words, factors=[None, f])
+            unroll = _largest_divisor(_extent(sch, words), [max(32 // per, 1), 4, 2, 1])
+            _, word_in = sch.split(words, factors=[None, unroll])
             lane = sch.fuse(word_in, per_word)
         elif len(r_loops) == 1:
             k = r_loops[0]
+            unroll = 1
             f = _largest_divisor(_extent(sch, k), [lanes, lanes // 2, lanes // 4, 2])
             if f == 1:
                 return None
             _, lane = sch.split(k, factors=[None, f])
         else:
             return None
-        rf = sch.rfactor(lane, factor_axis=n_spatial)
+        # the lane axis goes last in the partial-sum buffer (contiguous vectors)
+        rf = sch.rfactor(lane, factor_axis=len(sch.get(block).writes[0].region))
 
         # 2. rows across threads, batch rows inside each thread
         rf_loops = sch.get_loops(rf)
         m_rf = sch.fuse(*rf_loops[: n_spatial - 1]) if n_spatial > 1 else None
         n_rf, r_rest = rf_loops[n_spatial - 1], rf_loops[n_spatial:]
         n_out, n_in = sch.split(n_rf, factors=[None, self.rows_per_task])
-        order = [n_out] + ([m_rf] if m_rf is not None else []) + [n_in] + list(r_rest)
-        sch.reorder(*order)
+        sch.reorder(*([n_out] + ([m_rf] if m_rf is not None else []) + [n_in] + list(r_rest)))
         sch.parallel(n_out)
-        sch.vectorize(r_rest[-1])
-        sch.annotate(r_rest[0], "pragma_auto_unroll_max_step", 4)
-        sch.annotate(r_rest[0], "pragma_unroll_explicit", 0)
+        if unroll > 1:
+            word_lane, code_lane = sch.split(r_rest[-1], factors=[unroll, None])
+            sch.unroll(word_lane)
+            sch.vectorize(code_lane)
+        else:
+            sch.vectorize(r_rest[-1])
+        sch.decompose_reduction(rf, r_rest[0])
 
         # 3. the lane sum and the epilogues, per output element, right after it is computed
         sch.reverse_compute_at(block, n_in, preserve_unit_loops=True)
