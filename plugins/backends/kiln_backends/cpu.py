@@ -19,11 +19,15 @@ def pipeline(target, opts):
     import tvm
     from tvm import relax
 
+    from .cpu_kernels import replace_decode_kernels
     from .cpu_schedules import schedule_pass
+
+    scheduled = bool(opts.get("schedule", 1))
 
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
     def _pipeline(mod, _ctx):
-        passes = [
+        passes = [replace_decode_kernels(target)] if scheduled else []
+        passes += [
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),
@@ -33,7 +37,7 @@ def pipeline(target, opts):
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ]
-        if opts.get("schedule", 1):
+        if scheduled:
             passes.append(schedule_pass(target))
         passes += [
             relax.transform.RewriteDataflowReshape(),
