@@ -182,6 +182,41 @@ def serve_cmd(
           shutdown_grace=shutdown_grace, access_log=access_log, quantization=quantization)
 
 
+_BENCH_HELP = "\n\n".join([
+    "Measure a model's prefill and decode speed through the engine: random-token prompts, greedy, exactly M "
+    "generated tokens, B requests at once; one warm-up run, then R runs; each figure is the median (min–max).",
+    "prefill tok/s = prompt tokens / time to first token (B>1: all B prompts' tokens / time until the last "
+    "request's first token, which is also the time to first token shown).",
+    "decode tok/s per request = (M-1) / (time of its last token - time of its first token).",
+    "aggregate decode tok/s (B>1) = tokens per second while all B requests are decoding: from the last request's "
+    "first token to the first request's last token, B x the decode steps in that interval / its length.",
+    "peak memory = the RSS high-water mark after the model is loaded.",
+])
+
+
+@app.command("bench", help=_BENCH_HELP)
+def bench_cmd(
+    model: str = typer.Argument(..., help="What `kiln chat` takes: packaged model name, .gguf file, Hugging Face "
+                                      "checkpoint directory or kiln model directory."),
+    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library."),
+    device: str = typer.Option("auto", "--device", "-d", help="Device to run on."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Scheme when converting "
+                                                                                  "(default: the device's)."),
+    prompt_tokens: int = typer.Option(100, "--prompt-tokens", help="Prompt length N (random token ids, fixed seed)."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens M each request generates (greedy, ignore_eos)."),
+    batch: int = typer.Option(1, "--batch", help="Requests B submitted at the same time."),
+    runs: int = typer.Option(3, "--runs", help="Measured runs R (after one warm-up run)."),
+    profile: bool = typer.Option(False, "--profile", help="Also print a per-kernel time table of one decode step."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    from .runtime.bench import bench, check_args
+
+    check_args(prompt_tokens, gen_tokens, batch, runs)
+    result = bench(model, model_lib, device, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, batch=batch,
+                   runs=runs, profile=profile, quantization=quantization)
+    typer.echo(result.to_json() if as_json else result.format())
+
+
 # ---------------------------------------------------------------------------------- cache
 cache_app = typer.Typer(help="The compile cache ($KILN_HOME, default ~/.cache/kiln).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")

@@ -20,10 +20,12 @@ class KernelTime:
     seconds: float
 
 
-def profile_decode(model, steps: int = 5) -> tuple[list[KernelTime], float]:
+def profile_decode(model, steps: int = 5, seq_id: int = 0) -> tuple[list[KernelTime], float]:
     """Run ``steps`` single-sequence decode steps of a :class:`LoadedModel` (whose KV cache is
-    created and holds sequence 0) with every VM call timed; return per-kernel times averaged per
-    step (slowest first) and the plain (uninstrumented) seconds per step for comparison."""
+    created and holds sequence ``seq_id``) with every VM call timed; return per-kernel times
+    averaged per step (slowest first) and the plain (uninstrumented) seconds per step for
+    comparison.  The sequence is left as it was (the steps' tokens are popped again).  Only the
+    thread that owns the model may call this (in an engine: its scheduler thread)."""
     totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
     started: list[float] = []
 
@@ -37,7 +39,7 @@ def profile_decode(model, steps: int = 5) -> tuple[list[KernelTime], float]:
         return 0
 
     def step():
-        model.decode([0], [5])
+        model.decode([seq_id], [5])
 
     for _ in range(2):  # warm-up
         step()
@@ -53,7 +55,7 @@ def profile_decode(model, steps: int = 5) -> tuple[list[KernelTime], float]:
         model.vm.set_instrument(_convert(lambda *a: 0))
     rows = [KernelTime(name, calls // steps, secs / steps) for name, (calls, secs) in totals.items()]
     rows.sort(key=lambda r: -r.seconds)
-    model.popn(0, 2 * steps + 2)
+    model.popn(seq_id, 2 * steps + 2)
     return rows, plain
 
 

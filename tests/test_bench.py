@@ -1,0 +1,149 @@
+"""`kiln bench` and kiln.runtime.bench on a tiny random Llama: every figure is printed, the JSON
+holds sane values, the profile lists kernels, bad input is one line and a non-zero exit.
+
+No timed assertions: only that the figures exist, are positive and count the right tokens.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kiln.cli import main
+from kiln.runtime.bench import BenchResult, make_prompts, measure, open_engine, run_bench
+from kiln.testing import make_hf_checkpoint, write_byte_tokenizer
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 260,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+}
+CONTEXT = 64
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, kiln_build):
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("bench") / "ckpt", CONFIG, init_std=0.1)
+    write_byte_tokenizer(path)
+    return kiln_build(path, "q0f32", conv_template="chatml", context_window_size=CONTEXT, prefill_chunk_size=32,
+                      max_batch_size=MAX_BATCH)
+
+
+def kiln(capsys, *args):
+    code = main(["bench", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_prints_every_figure(built, capsys):
+    code, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, "--prompt-tokens", 8, "--gen-tokens", 6,
+                          "--runs", 2, "--batch", 2)
+    assert code == 0, err
+    for label in ("prefill", "time to first token", "decode", "aggregate decode", "peak memory", "generated tokens"):
+        assert f"\n  {label} " in out, (label, out)
+    assert "tok/s per request" in out and " ms" in out and " MB" in out
+    assert "generated tokens       6 per request" in out
+    assert "median (min–max) of 2 runs after 1 warm-up" in out
+
+
+def test_json_fields_are_sane(built, capsys):
+    code, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, "--prompt-tokens", 10, "--gen-tokens", 7,
+                          "--runs", 2, "--batch", 3, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert (res["prompt_tokens"], res["gen_tokens"], res["batch"], res["runs"]) == (10, 7, 3, 2)
+    assert res["generated_tokens"] == 7
+    for key in ("prefill_tok_s", "ttft_ms", "decode_tok_s", "aggregate_decode_tok_s"):
+        fig = res[key]
+        assert 0 < fig["min"] <= fig["median"] <= fig["max"], key
+    assert res["peak_rss_mb"] > 0 and res["threads"] >= 1 and res["quantization"] == "q0f32"
+    assert len(res["per_run"]) == 2
+    for run in res["per_run"]:
+        assert run["generated_tokens"] == [7, 7, 7]
+        assert run["ttft_s"] > 0 and run["wall_s"] >= run["ttft_s"]
+    assert res["profile"] is None
+
+
+def test_single_request_has_no_aggregate(built, capsys):
+    code, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, "--prompt-tokens", 5, "--gen-tokens", 4,
+                          "--runs", 1, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["aggregate_decode_tok_s"] is None and res["decode_tok_s"]["median"] > 0 and res["generated_tokens"] == 4
+
+
+def test_profile_lists_kernels(built, capsys):
+    code, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, "--prompt-tokens", 12, "--gen-tokens", 3,
+                          "--runs", 1, "--profile", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    rows = res["profile"]
+    assert rows and all(r["calls"] > 0 and r["us_per_step"] >= 0 for r in rows)
+    names = {r["kernel"] for r in rows}
+    assert any("matmul" in n for n in names), names
+    assert res["profile_step_ms"] > 0
+    code, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, "--prompt-tokens", 12, "--gen-tokens", 3,
+                          "--runs", 1, "--profile")
+    assert code == 0, err
+    assert "kernel profile of one decode step" in out and "us/step" in out and "uninstrumented step" in out
+
+
+def test_api_leaves_the_engine_usable(built):
+    engine = open_engine(built.model_dir, built.lib, batch=2)
+    try:
+        result = run_bench(engine, prompt_tokens=9, gen_tokens=5, batch=2, runs=1, profile=True)
+        assert isinstance(result, BenchResult) and result.generated_tokens == 5
+        assert result.aggregate_decode_tok_s.median > 0
+        assert engine.kv_pages_in_use() == 0  # the profiled sequence and the requests are gone
+        timing = measure(engine, make_prompts(engine.model.vocab_size, 4, 1, seed=3), 2)
+        assert timing.generated_tokens == [2]
+        out = engine.completions.create(prompt=[1, 2, 3], max_tokens=3, temperature=0, ignore_eos=True)
+        assert out.usage.completion_tokens == 3
+    finally:
+        engine.close()
+
+
+def test_prompts_are_reproducible_and_in_the_vocabulary():
+    a = make_prompts(260, 50, 2, seed=1)
+    assert a == make_prompts(260, 50, 2, seed=1) and a[0] != a[1]
+    assert all(0 <= t < 260 for p in a for t in p) and all(len(p) == 50 for p in a)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--prompt-tokens", 0], 2, "error: --prompt-tokens must be at least 1, got 0"),
+    (["--gen-tokens", 0], 2, "error: --gen-tokens must be at least 1, got 0"),
+    (["--runs", 0], 2, "error: --runs must be at least 1, got 0"),
+    (["--prompt-tokens", 60, "--gen-tokens", 10], 2,
+     f"error: --prompt-tokens 60 + --gen-tokens 10 = 70 tokens exceed the context window of {CONTEXT} tokens"),
+    (["--batch", MAX_BATCH + 1], 2,
+     f"error: --batch {MAX_BATCH + 1} is more than the engine allows ({MAX_BATCH}: the model library's "
+     f"max_batch_size); recompile with --overrides max_batch_size={MAX_BATCH + 1}"),
+])
+def test_bad_numbers(built, capsys, args, code, message):
+    got, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, *args)
+    assert got == code and out == ""
+    assert err.strip().splitlines()[-1] == message
+
+
+def test_errors_from_the_command_line(built, tmp_path):
+    env = {**os.environ, "KILN_NO_PROGRESS": "1"}
+    res = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", str(tmp_path / "nowhere")], capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        f"error: model '{tmp_path / 'nowhere'}' not found: give a kiln model directory, a Hugging Face checkpoint "
+        "directory, a .gguf file, or the name of a packaged model (installed: smollm2)"]
+    res = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", str(built.model_dir), "--model-lib", str(built.lib),
+                          "--gen-tokens", "-3"], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --gen-tokens must be at least 1, got -3"]
