@@ -277,7 +277,16 @@ def _register_plugin_commands():
     _commands_registered = True
     from .registry import get_registry
 
-    get_registry().pm.hook.register_commands(app=app)
+    registry = get_registry()
+    for impl in registry.pm.hook.register_commands.get_hookimpls():
+        info = registry.plugins.get(impl.plugin_name)
+        if info is not None and info.status != "loaded":
+            continue
+        try:  # one plugin's broken command must not take the CLI (and `kiln plugins`) down
+            impl.function(app=app)
+        except Exception as exc:  # noqa: BLE001 - isolate a broken plugin
+            registry._fail(impl.plugin_name, f"register_commands raised {type(exc).__name__}: {exc}")
+            log.warning("plugin '%s' failed to register its commands: %s (see `kiln plugins`)", impl.plugin_name, exc)
 
 
 def main(argv: list[str] | None = None) -> int:

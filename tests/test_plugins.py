@@ -73,6 +73,23 @@ def test_a_plugin_whose_hook_raises_is_isolated(tmp_path):
     assert "chatml" in plugins["kiln.conv_templates"]["registered"]["conv_templates"]
 
 
+def test_a_plugin_whose_commands_fail_to_register_does_not_take_the_cli_down(tmp_path):
+    make_dist(tmp_path, "kiln_badcmd", """
+        from kiln import hookimpl
+
+        @hookimpl
+        def register_commands(app):
+            raise RuntimeError("no typer today")
+    """)
+    plugins = listing(tmp_path)
+    assert plugins["kiln_badcmd"]["status"] == "failed"
+    assert plugins["kiln_badcmd"]["error"] == "register_commands raised RuntimeError: no typer today"
+    assert plugins["llama"]["status"] == "loaded"
+    res = kiln(tmp_path, "--help")
+    assert res.returncode == 0 and "convert_weight" in res.stdout
+    assert "plugin 'kiln_badcmd' failed to register its commands: no typer today" in res.stderr
+
+
 def test_a_misspelled_hook_fails_loudly(tmp_path):
     make_dist(tmp_path, "kiln_typo", """
         from kiln import hookimpl
