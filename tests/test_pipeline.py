@@ -159,6 +159,11 @@ def broken_checkpoints(checkpoint, tmp_path):
     d.mkdir()
     (d / "config.json").write_text("{ not json")
 
+    d = made["bad_utf8"] = tmp_path / "bad_utf8"
+    d.mkdir()
+    (d / "config.json").write_bytes((checkpoint / "config.json").read_bytes().replace(b'"llama"', b'"ll\xe4ma"'))
+    (d / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+
     d = made["corrupt"] = tmp_path / "corrupt"
     d.mkdir()
     (d / "config.json").write_text((checkpoint / "config.json").read_text())
@@ -188,6 +193,7 @@ def broken_checkpoints(checkpoint, tmp_path):
     [
         ("no_config", 1, "no config.json in"),
         ("bad_json", 1, "is not valid JSON"),
+        ("bad_utf8", 1, "is not valid JSON: it is not UTF-8 text (byte 0xe4"),
         ("corrupt", 1, "cannot read"),
         ("no_weights", 1, "no weights found"),
         ("neox", 2, "pip install kiln-gpt-neox"),
@@ -202,6 +208,26 @@ def test_bad_checkpoints_get_clear_errors(broken_checkpoints, tmp_path, capsys, 
     assert got == code
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "tensor-cache.json").exists()
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json", "mlc-chat-config.json"])
+def test_non_utf8_json_files_are_config_errors(checkpoint, tmp_path, capsys, name):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in checkpoint.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    bad = b'{"chat_template": "caf\xe9"}'
+    if name == "mlc-chat-config.json":
+        out = tmp_path / "out"
+        assert main(["gen_config", str(ckpt), "-q", "q0f32", "-o", str(out)]) == 0
+        (out / name).write_bytes(bad)
+        argv = ["compile", out, "--device", "cpu", "-o", tmp_path / "x.so"]
+    else:
+        (ckpt / name).write_bytes(bad)
+        argv = ["gen_config", ckpt, "-q", "q0f32", "-o", tmp_path / "out"]
+    code, _, err = kiln(capsys, *argv)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {name} ") and "is not valid JSON: it is not UTF-8 text (byte 0xe9" in err
 
 
 def test_model_type_option_overrides_detection(broken_checkpoints, tmp_path, capsys):
