@@ -52,6 +52,7 @@ TARGETS = {  # issue 6: kiln / peer, at least
 LLAMA_CPP_HINT = "pip install llama-cpp-python==0.3.36, built without AMX (bench/README.md has the command)"
 TRANSFORMERS_HINT = "pip install torch transformers gguf (CPU torch is enough; see bench/README.md)"
 DRAM_BUFFER = 2 << 30
+DISTURBED = 0.10  # share of the CPUs used by other processes that marks a round as disturbed
 
 
 def default_threads() -> int:
@@ -286,6 +287,30 @@ def last_level_cache_bytes() -> int | None:
     return best
 
 
+# ---------------------------------------------------------------------------------------- shared machine
+def cpu_snapshot():
+    """(wall time, CPU seconds busy on the whole machine or None, CPU seconds of this process)."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def others_cpu_share(before, after) -> float | None:
+    """The share of all CPUs that other processes used between two snapshots (Linux; else None):
+    a peer whose round coincides with someone else's work shows it here, not as a slow peer."""
+    if before[1] is None or after[1] is None:
+        return None
+    wall = after[0] - before[0]
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / (wall * (os.cpu_count() or 1))) if wall > 0 else None
+
+
 # ---------------------------------------------------------------------------------------- summary
 def figure(values):
     from kiln.runtime.bench import Figure
@@ -350,6 +375,12 @@ def report(res) -> str:
         else:
             value = f"{r['value']:.2f}x ({r['min']:.2f}–{r['max']:.2f})"
             lines.append(f"{label:32s} {value:>26s} {target:>7s}  {'met' if r['met'] else 'NOT MET'}")
+    disturbed = [f"{name} round {i + 1} ({100 * x['others_cpu']:.0f}%)"
+                 for name, entry in list(res["peers"].items()) + [("kiln_concurrent", conc or {})]
+                 for i, x in enumerate(entry.get("rounds", [])) if (x.get("others_cpu") or 0) > DISTURBED]
+    if disturbed:
+        lines += ["", f"note: other processes used more than {100 * DISTURBED:.0f}% of the CPUs during "
+                      f"{', '.join(disturbed)}; the medians resist one such round, the min–max ranges do not."]
     bw = res.get("bandwidth")
     if bw:
         lines += ["", f"memory read bandwidth with {c['threads']} threads (TVM sum kernel; best pass, median in "
@@ -441,12 +472,15 @@ def main(argv=None):
     for r in range(args.rounds):
         for name, peer in order:
             prompts = make_prompts(vocab, n, conc, 1000 + r) if name == "kiln_concurrent" else prompt(r)
+            before = cpu_snapshot()
             out = peer.run(prompts)
+            out["others_cpu"] = others_cpu_share(before, cpu_snapshot())
             rounds[name].append(out)
             if not args.json:
+                others = "" if out["others_cpu"] is None else f"   (other processes: {100 * out['others_cpu']:.0f}% CPU)"
                 say(f"round {r + 1}/{args.rounds} {name:16s} prefill {out['prefill_tok_s']:8.1f} tok/s   decode "
                     f"{out['decode_tok_s'] or 0:8.1f} tok/s" + (f"   aggregate {out['aggregate_decode_tok_s']:.1f} tok/s"
-                                                             if out.get("aggregate_decode_tok_s") else ""))
+                                                             if out.get("aggregate_decode_tok_s") else "") + others)
             time.sleep(args.settle)
 
     res = {
