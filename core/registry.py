@@ -131,26 +131,60 @@ class Registry:
             )
         return entry.spec
 
+    def unavailable_reason(self, what: str, package: str) -> str | None:
+        """Why ``what`` is missing when ``package`` is installed but failed to load or is disabled."""
+        wanted = _normalize(package)
+        mine = [i for i in self.plugins.values() if _normalize(i.distribution) == wanted]
+        for status in ("failed", "disabled"):
+            for info in mine:
+                if info.status != status:
+                    continue
+                if status == "failed":
+                    error = " ".join(info.error.split())
+                    return f"{what} comes from {info.distribution}, which is installed but failed to load: {error} (see `kiln plugins`)"
+                return (
+                    f"{what} comes from {info.distribution}, which is installed but disabled by KILN_DISABLE_PLUGINS "
+                    f"(remove '{info.name}' from it to use it)"
+                )
+        return None
+
+    def failed_note(self) -> str:
+        failed = [i.name for i in self.failed_plugins()]
+        return f"; plugin(s) that failed to load: {', '.join(failed)} (see `kiln plugins`)" if failed else ""
+
     def architecture(self, name: str) -> ArchitectureSpec:
-        if name not in self.entries["architectures"] and name in KNOWN_ARCHITECTURE_PACKAGES:
-            raise UnknownNameError(
-                f"architecture '{name}' is not installed: pip install {KNOWN_ARCHITECTURE_PACKAGES[name]} "
-                f"(installed: {', '.join(self.names('architectures')) or 'none'})"
-            )
+        if name not in self.entries["architectures"]:
+            package = KNOWN_ARCHITECTURE_PACKAGES.get(name, f"kiln-{name}")
+            reason = self.unavailable_reason(f"architecture '{name}'", package)
+            if reason:
+                raise UnknownNameError(reason)
+            if name in KNOWN_ARCHITECTURE_PACKAGES:
+                raise UnknownNameError(
+                    f"architecture '{name}' is not installed: pip install {package} "
+                    f"(installed: {', '.join(self.names('architectures')) or 'none'}){self.failed_note()}"
+                )
+            return self._get("architectures", name, self.failed_note())
         return self._get("architectures", name)
 
     def quantization(self, name: str) -> QuantizationSpec:
         return self._get("quantizations", name)
 
     def backend(self, name: str) -> BackendSpec:
-        if name not in self.entries["backends"] and name not in self.aliases and name in KNOWN_BACKEND_PACKAGES:
-            package = KNOWN_BACKEND_PACKAGES[name]
+        if name not in self.entries["backends"] and name not in self.aliases:
+            package = KNOWN_BACKEND_PACKAGES.get(name, f"kiln-{name}")
+            reason = self.unavailable_reason(f"device '{name}'", package)
+            if reason:
+                raise UnknownNameError(reason)
+            if name not in KNOWN_BACKEND_PACKAGES:
+                return self._get("backends", name, self.failed_note())
             installed = ", ".join(self.names("backends")) or "none"
-            if any(info.distribution == package and info.status == "loaded" for info in self.plugins.values()):
+            if any(_normalize(info.distribution) == package and info.status == "loaded" for info in self.plugins.values()):
                 raise UnknownNameError(
                     f"device '{name}' is not supported by this version of {package} (installed devices: {installed})"
                 )
-            raise UnknownNameError(f"device '{name}' is not installed: pip install {package} (installed devices: {installed})")
+            raise UnknownNameError(
+                f"device '{name}' is not installed: pip install {package} (installed devices: {installed}){self.failed_note()}"
+            )
         return self._get("backends", name)
 
     def conv_template(self, name: str) -> ConvTemplateSpec:
@@ -184,18 +218,29 @@ class Registry:
         wanted = archs[0] if archs else (model_type or "<none given>")
         installed = ", ".join(self.names("architectures")) or "none"
         known = KNOWN_HF_ARCHITECTURES.get(wanted) or (model_type if model_type in KNOWN_ARCHITECTURE_PACKAGES else None)
+        package = KNOWN_ARCHITECTURE_PACKAGES[known] if known else (f"kiln-{model_type}" if model_type else "")
+        reason = package and self.unavailable_reason(f"architecture '{wanted}'", package)
+        if reason:
+            raise UnknownNameError(reason)
         if known:
             raise UnknownNameError(
                 f"architecture '{wanted}' is not served by any installed plugin: pip install "
-                f"{KNOWN_ARCHITECTURE_PACKAGES[known]} (installed architectures: {installed})"
+                f"{package} (installed architectures: {installed}){self.failed_note()}"
             )
         raise UnknownNameError(
             f"architecture '{wanted}' is not served by any installed plugin (installed architectures: {installed}); "
-            "pass --model-type to choose one, or install a plugin that provides it"
+            f"pass --model-type to choose one, or install a plugin that provides it{self.failed_note()}"
         )
 
     def failed_plugins(self) -> list[PluginInfo]:
         return [i for i in self.plugins.values() if i.status == "failed"]
+
+
+def _normalize(distribution: str) -> str:
+    """A distribution name as pip compares them (``kiln_Mamba`` == ``kiln-mamba``)."""
+    import re
+
+    return re.sub(r"[-_.]+", "-", distribution or "").lower()
 
 
 _lock = threading.Lock()

@@ -210,15 +210,20 @@ def map_architecture(metadata: GGUFMetadata, shapes: Mapping[str, tuple[int, ...
         if mapped is not None:
             return spec, GGUFMapping(*mapped)
     served = ", ".join(readers) or "none"
-    package = KNOWN_ARCHITECTURE_PACKAGES.get(GGUF_ARCH_PLUGINS.get(arch, arch))
+    plugin = GGUF_ARCH_PLUGINS.get(arch, arch)
+    package = KNOWN_ARCHITECTURE_PACKAGES.get(plugin)
+    reason = registry.unavailable_reason(f"GGUF architecture '{arch}' in '{metadata.path}'", package or f"kiln-{plugin}")
+    if reason:
+        raise UnknownNameError(reason)
     if package:
         raise UnknownNameError(
             f"GGUF architecture '{arch}' in '{metadata.path}' is not served by any installed plugin: pip install "
-            f"{package} (architectures that read GGUF: {served})"
+            f"{package} (architectures that read GGUF: {served}){registry.failed_note()}"
         )
     raise UnknownNameError(
         f"GGUF architecture '{arch}' in '{metadata.path}' is not served by any installed plugin (architectures that "
         f"read GGUF: {served}); install a plugin that maps it, or convert the model to a Hugging Face checkpoint"
+        f"{registry.failed_note()}"
     )
 
 
