@@ -34,6 +34,8 @@ class ArchitectureSpec:
             architecture, or ``None`` when the file is not one.  Used by the GGUF model source.
         default_conv_template: template used by ``gen_config`` when none is given.
         package: the distribution that provides it (used in install hints).
+        sliding_window_attention: whether the model honours ``sliding_window_size`` (attends only
+            to the last N tokens); kiln refuses a ``sliding_window_size`` > 0 for one that does not.
     """
 
     name: str
@@ -45,6 +47,7 @@ class ArchitectureSpec:
     gguf_map: Callable[..., Any] | None = None
     default_conv_template: str = "chatml"
     package: str = ""
+    sliding_window_attention: bool = False
 
 
 @dataclass(frozen=True)

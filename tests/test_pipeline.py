@@ -250,6 +250,11 @@ def test_model_type_option_overrides_detection(broken_checkpoints, tmp_path, cap
         (["gen_config", "{ckpt}", "-q", "q0f32", "-o", "{tmp}/o", "--context-window-size", "0"], 1,
          "context_window_size must be positive"),
         (["compile", "{tmp}/none.json", "--device", "cpu", "-o", "{tmp}/x.so"], 1, "does not exist: run `kiln gen_config`"),
+        (["gen_config", "{ckpt}", "-q", "q0f32", "-o", "{tmp}/o", "--sliding-window-size", "64"], 1,
+         "sliding_window_size=64: architecture 'llama' (kiln-llama) does not implement sliding-window attention; "
+         "leave --sliding-window-size unset (or -1)"),
+        (["gen_config", "{ckpt}", "-q", "q0f32", "-o", "{tmp}/o", "--overrides", "sliding_window_size=16"], 1,
+         "sliding_window_size=16: architecture 'llama' (kiln-llama) does not implement sliding-window attention"),
     ],
 )
 def test_bad_options_get_clear_errors(checkpoint, tmp_path, capsys, argv, code, message):
@@ -278,6 +283,21 @@ def test_compile_rejects_unknown_device_and_options(config_dir, tmp_path, capsys
     argv = ["compile", config_dir, "--device", device, "-o", tmp_path / "x.so"] + (["--opt", opt] if opt else [])
     got, _, err = kiln(capsys, *argv)
     assert got == code and message in err
+    assert not (tmp_path / "x.so").exists()
+
+
+def test_compile_refuses_a_sliding_window_the_architecture_does_not_implement(config_dir, tmp_path, capsys):
+    code, _, err = kiln(capsys, "compile", config_dir, "--device", "cpu", "-o", tmp_path / "x.so",
+                        "--overrides", "sliding_window_size=32")
+    assert (code, err.count("\n")) == (1, 1), err
+    assert "sliding_window_size=32: architecture 'llama' (kiln-llama) does not implement sliding-window attention" in err
+    # a config written before this check, holding a window, is refused too
+    cfg = json.loads((config_dir / "mlc-chat-config.json").read_text())
+    bad = tmp_path / "old"
+    bad.mkdir()
+    (bad / "mlc-chat-config.json").write_text(json.dumps({**cfg, "sliding_window_size": 64}))
+    code, _, err = kiln(capsys, "compile", bad, "--device", "cpu", "-o", tmp_path / "x.so")
+    assert code == 1 and "sliding_window_size=64: architecture 'llama'" in err
     assert not (tmp_path / "x.so").exists()
 
 

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import CompileError, UnknownNameError, UsageError, did_you_mean
 from ..registry import get_registry
 from .gen_config import read_chat_config
-from .model import apply_overrides, build_model, parse_overrides, parse_value
+from .model import apply_overrides, build_model, check_supported, parse_overrides, parse_value
 from .output import staging_dir
 
 log = logging.getLogger("kiln")
@@ -85,6 +85,7 @@ def compile_model(
     sizes = {k: chat_config[k] for k in SIZE_FIELDS if chat_config.get(k) is not None}
     sizes.update(parse_overrides(overrides))
     apply_overrides(model_config, sizes)
+    check_supported(arch, model_config)
     output = Path(output).expanduser()
     if output.is_dir():
         raise UsageError(f"output '{output}' is a directory; give the library's file name (e.g. model{backend.lib_suffix})")

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..registry import get_registry
 from ..sources import open_checkpoint
 from .convert_weight import resolve
-from .model import apply_overrides, parse_overrides
+from .model import apply_overrides, check_supported, parse_overrides
 from .output import atomic_write_text
 
 log = logging.getLogger("kiln")
@@ -67,6 +67,7 @@ def gen_config(
             if value is not None:
                 opts[key] = value
         apply_overrides(config, opts)
+        check_supported(arch, config)
 
         tok_cfg = ckpt.tokenizer_config
         chat_template = tok_cfg.get("chat_template") if isinstance(tok_cfg.get("chat_template"), str) else None

@@ -48,6 +48,17 @@ def apply_overrides(config, overrides: dict) -> None:
         config.__post_init__()
 
 
+def check_supported(arch: ArchitectureSpec, config) -> None:
+    """Refuse config values the architecture declares it cannot honour."""
+    window = getattr(config, "sliding_window_size", None)
+    if isinstance(window, int) and window > 0 and not arch.sliding_window_attention:
+        raise ConfigError(
+            f"sliding_window_size={window}: architecture '{arch.name}'"
+            f"{f' ({arch.package})' if arch.package else ''} does not implement sliding-window attention; "
+            "leave --sliding-window-size unset (or -1)"
+        )
+
+
 def parse_overrides(text: str | None) -> dict:
     """``"context_window_size=1024;prefill_chunk_size=128"`` -> dict with ints/floats/bools."""
     out: dict = {}

@@ -28,5 +28,7 @@ def register_architectures():
             gguf_map=gguf_map,
             default_conv_template="llama-2",
             package="kiln-llama",
+            # Mistral's sliding window is not implemented: the context window is capped to it instead
+            sliding_window_attention=False,
         )
     ]
