@@ -103,11 +103,19 @@ class Sampler:
             x[int(token)] += bias
         return x
 
-    def sample(self, logits: np.ndarray) -> int:
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution :meth:`sample` draws from (float64, sums to 1): the logits after bias
+        and penalties, divided by the temperature, cut to the ``top_k`` best (ties at the cut
+        stay, as in transformers) and then to the smallest set of most likely tokens whose mass
+        reaches ``top_p``.  At temperature 0 it is all on the (first) best token."""
+        return self._distribution(self.process(logits))
+
+    def _distribution(self, x: np.ndarray) -> np.ndarray:
         p = self.params
-        x = self.process(logits)
         if p.temperature == 0:
-            return int(np.argmax(x))
+            probs = np.zeros(x.shape[0], dtype=np.float64)
+            probs[int(np.argmax(x))] = 1.0
+            return probs
         x = x.astype(np.float64) / p.temperature
         if p.top_k and p.top_k < x.shape[0]:
             cut = np.partition(x, -p.top_k)[-p.top_k]
@@ -121,7 +129,14 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs[order]), p.top_p, side="left")) + 1
             kept = np.zeros_like(probs)
             kept[order[:keep]] = probs[order[:keep]]
-            probs = kept
+            probs = kept / kept.sum()
+        return probs
+
+    def sample(self, logits: np.ndarray) -> int:
+        x = self.process(logits)
+        if self.params.temperature == 0:
+            return int(np.argmax(x))
+        probs = self._distribution(x)
         # draw in vocabulary order: nearly equal probabilities swapping places in a sort must
         # not change which token a given random number picks
         cdf = np.cumsum(probs)
