@@ -4,8 +4,10 @@ The model is a small random Llama with a byte-level tokenizer (every byte one to
 multi-byte characters and stop strings always arrive split over several tokens.
 """
 
+import contextlib
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -60,8 +62,20 @@ def prompt(n, seed=0):
 
 
 def greedy(engine, tokens, n=16, **kw):
-    out = engine.completions.create(prompt=tokens, max_tokens=n, temperature=0, ignore_eos=True, **kw)
-    return out
+    """A greedy completion with its token ids (``logprobs=0``; see :func:`token_ids`)."""
+    kw.setdefault("temperature", 0)
+    return engine.completions.create(prompt=tokens, max_tokens=n, ignore_eos=True, logprobs=0, **kw)
+
+
+def token_ids(engine, out, index=0) -> list[int]:
+    """The token ids of a completion made with ``logprobs``: compared as ids, not as decoded
+    text (where every invalid byte becomes U+FFFD, so text can hide a wrong token)."""
+    table = getattr(engine, "_test_token_table", None)
+    if table is None:
+        table = {engine.token_text(i): i for i in range(engine.model.vocab_size)}
+        assert len(table) == engine.model.vocab_size  # token_text tells every token apart
+        engine._test_token_table = table
+    return [table[t] for t in out.choices[index].logprobs.tokens]
 
 
 def test_top_logprobs_equal_transformers(engine, reference):
@@ -82,30 +96,89 @@ def test_greedy_output_equals_transformers_generate(engine, reference):
     expected = hf_greedy(reference, tokens, 24)
     assert out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == 12
+    assert token_ids(engine, out) == expected
     assert out.choices[0].text == engine.tokenizer.decode(expected)
 
 
-def test_results_do_not_depend_on_batching(engine):
-    prompts = [prompt(n, seed=100 + n) for n in (3, 17, 40, 8, 65, 1, 29, 50)]
-    alone = [greedy(engine, p, 12).choices[0].text for p in prompts]
-    results = [None] * len(prompts)
-    barrier = threading.Barrier(len(prompts))
+def test_top_k_1_at_temperature_1_is_greedy(engine):
+    for seed in range(3):
+        tokens = prompt(10, seed=20 + seed)
+        want = token_ids(engine, greedy(engine, tokens, 20))
+        got = greedy(engine, tokens, 20, temperature=1.0, top_p=1.0, top_k=1, seed=seed)
+        assert token_ids(engine, got) == want
+        assert token_ids(engine, greedy(engine, tokens, 20, temperature=1.5, top_k=1)) == want  # no seed
+
+
+def test_repetition_penalty_equals_transformers_generate(engine, reference):
+    import torch
+
+    for seed in (3, 4):
+        tokens = prompt(12, seed=seed)
+        out = greedy(engine, tokens, 24, repetition_penalty=1.3)
+        with torch.no_grad():
+            ref = reference.generate(torch.tensor([tokens]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                     repetition_penalty=1.3, pad_token_id=0, eos_token_id=None)
+        expected = ref[0, len(tokens):].tolist()
+        assert token_ids(engine, out) == expected
+        assert expected != hf_greedy(reference, tokens, 24)  # the penalty changed the answer
+
+
+@contextlib.contextmanager
+def scheduler_held(engine, requests: int):
+    """Hold the scheduler thread while the body queues ``requests`` requests, so that the
+    scheduler sees them all at once (the batch does not depend on thread timing)."""
+    entered, gate = threading.Event(), threading.Event()
+    engine._inbox.put(("call", lambda: (entered.set(), gate.wait(300))))
+    assert entered.wait(60)
+    try:
+        yield
+        deadline = time.monotonic() + 60
+        while engine._inbox.qsize() < requests and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert engine._inbox.qsize() == requests
+    finally:
+        gate.set()
+
+
+def run_together(engine, calls):
+    """Run ``calls`` (functions of the engine) from threads, queued in one scheduler step."""
+    results = [None] * len(calls)
+    errors = []
 
     def run(i):
-        barrier.wait()
-        results[i] = greedy(engine, prompts[i], 12).choices[0].text
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    steps_before = engine.stats.decode_steps
-    tokens_before = engine.stats.decode_tokens
-    for t in threads:
-        t.start()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    with scheduler_held(engine, len(calls)):
+        for t in threads:
+            t.start()
     for t in threads:
         t.join()
-    assert results == alone
-    # they really ran together: far fewer decode steps than tokens
-    steps = engine.stats.decode_steps - steps_before
-    assert (engine.stats.decode_tokens - tokens_before) / steps > 3
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("quantization", ["q0f32", "q4f32_2"])
+def test_results_do_not_depend_on_batching(checkpoint, kiln_build, quantization):
+    """Eight requests of different lengths decoded together give, token for token, what each
+    gives alone.  No prefix cache (the batched runs must compute their prompts themselves), and
+    a 4-bit build too: the CPU backend's hand-written kernels run the quantized projections and
+    the paged attention of batched decode and prefill."""
+    built = kiln_build(checkpoint, quantization, conv_template="chatml", context_window_size=256,
+                       prefill_chunk_size=32, max_batch_size=8)
+    prompts = [prompt(n, seed=100 + n) for n in (3, 17, 40, 8, 65, 1, 29, 50)]
+    with Engine(built.model_dir, built.lib, prefix_cache=False) as eng:
+        alone = [token_ids(eng, greedy(eng, p, 12)) for p in prompts]
+        steps_before, tokens_before = eng.stats.decode_steps, eng.stats.decode_tokens
+        batched = run_together(eng, [lambda p=p: greedy(eng, p, 12) for p in prompts])
+        assert [token_ids(eng, out) for out in batched] == alone
+        assert eng.stats.cached_prompt_tokens == 0
+        # they really ran together: far fewer decode steps than tokens
+        steps = eng.stats.decode_steps - steps_before
+        assert (eng.stats.decode_tokens - tokens_before) / steps > 3
 
 
 def test_seeded_sampling_is_reproducible(engine):
