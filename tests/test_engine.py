@@ -325,3 +325,40 @@ def test_cancelled_and_finished_requests_free_their_kv_pages(engine):
     assert engine.wait_idle(60)
     engine.clear_prefix_cache()
     assert engine.kv_pages_in_use() == 0
+
+
+def test_requests_beyond_the_kv_cache_are_preempted_and_recomputed(built):
+    """A KV cache of 256 tokens (16 pages, and TVM's spare one) and eight requests that need about
+    35 pages in all:
+    the scheduler must preempt running requests (free their KV) and recompute them later, and
+    every answer must still be, token for token, what the request gives alone."""
+    prompts = [prompt(n, seed=300 + n) for n in (20, 30, 25, 35, 40, 22, 28, 33)]
+    with Engine(built.model_dir, built.lib, max_total_tokens=256, prefix_cache=False) as eng:
+        assert eng.total_pages <= 17
+        alone = [token_ids(eng, greedy(eng, p, 40)) for p in prompts]
+        assert eng.stats.preemptions == 0
+        batched = run_together(eng, [lambda p=p: greedy(eng, p, 40) for p in prompts])
+        assert eng.stats.preemptions > 0
+        assert [token_ids(eng, out) for out in batched] == alone
+        assert all(out.usage.completion_tokens == 40 and out.choices[0].finish_reason == "length" for out in batched)
+        assert eng.wait_idle(60) and eng.kv_pages_in_use() == 0
+
+
+def test_a_request_larger_than_the_whole_kv_cache_gets_kv_cache_full(built):
+    with Engine(built.model_dir, built.lib, max_total_tokens=64, prefix_cache=False) as eng:
+        pages = eng.total_pages  # 4 pages of 16 tokens, and TVM's spare one
+        assert pages <= 5 and eng.context_window_size == 64
+        # three choices of a 50-token prompt need 4 + 2 pages before the first token
+        with pytest.raises(RequestError, match=rf"the request needs 6 KV-cache pages but the cache has only {pages}; "
+                                               r"raise max_total_tokens") as info:
+            eng.completions.create(prompt=prompt(50), max_tokens=4, n=3, temperature=1.0, seed=1)
+        assert info.value.code == "kv_cache_full"
+        # three choices that start small and outgrow the cache while generating
+        with pytest.raises(RequestError, match=f"KV-cache pages but the cache has only {pages}") as info:
+            eng.completions.create(prompt=prompt(10), max_tokens=50, n=3, temperature=1.0, seed=1,
+                                   ignore_eos=True)
+        assert info.value.code == "kv_cache_full"
+        assert eng.wait_idle(60) and eng.kv_pages_in_use() == 0
+        # the engine serves on
+        out = greedy(eng, prompt(10), 20)
+        assert out.usage.completion_tokens == 20
