@@ -6,6 +6,7 @@ multi-byte characters and stop strings always arrive split over several tokens.
 
 import contextlib
 import json
+import shutil
 import threading
 import time
 
@@ -362,3 +363,16 @@ def test_a_request_larger_than_the_whole_kv_cache_gets_kv_cache_full(built):
         # the engine serves on
         out = greedy(eng, prompt(10), 20)
         assert out.usage.completion_tokens == 20
+
+
+def test_the_older_ndarray_cache_json_name_loads(built, tmp_path):
+    """Weights indexed by MLC's older ``ndarray-cache.json`` load and answer as with
+    ``tensor-cache.json``."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(built.model_dir, legacy)
+    (legacy / "tensor-cache.json").rename(legacy / "ndarray-cache.json")
+    tokens = prompt(12, seed=3)
+    with Engine(built.model_dir, built.lib, prefix_cache=False) as eng:
+        want = token_ids(eng, greedy(eng, tokens, 24))
+    with Engine(legacy, legacy / built.lib.name, prefix_cache=False) as eng:
+        assert token_ids(eng, greedy(eng, tokens, 24)) == want
