@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -289,8 +290,24 @@ def _register_plugin_commands():
             log.warning("plugin '%s' failed to register its commands: %s (see `kiln plugins`)", impl.plugin_name, exc)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (staging directories, locks) runs as for
+    Ctrl-C.  Not a KeyboardInterrupt: code that treats Ctrl-C as "stop this answer" (the chat REPL)
+    must not swallow a request to end the process."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import threading
+
     debug = os.environ.get("KILN_DEBUG", "") not in ("", "0")
+    installed = threading.current_thread() is threading.main_thread()
+    if installed:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _register_plugin_commands()
         app(args=argv, prog_name="kiln", standalone_mode=True)
@@ -304,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:
             raise
@@ -314,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 70
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

@@ -118,6 +118,62 @@ def test_failed_conversion_leaves_no_output(checkpoint, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
+SLOW_KILN = """
+import sys, time
+from kiln.sources import huggingface
+get = huggingface.SafetensorsCheckpoint.get
+def slow_get(self, name):  # a conversion that takes long enough to be killed half-way
+    time.sleep(0.2)
+    return get(self, name)
+huggingface.SafetensorsCheckpoint.get = slow_get
+from kiln.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_conversion_cleans_up_like_ctrl_c(checkpoint, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_KILN, "convert_weight", str(checkpoint), "-q", "q0f32",
+                             "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the conversion never started staging"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err
+    assert not (out / "tensor-cache.json").exists()
+    assert not any("partial" in p.name for p in tmp_path.iterdir())
+
+
+def test_staging_left_by_a_killed_process_is_removed_by_the_next_run(checkpoint, tmp_path, capsys):
+    import os
+    import time
+
+    from kiln.pipeline.output import STALE_AFTER_S, staging_prefix
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = {
+        "dead": tmp_path / (staging_prefix(out, int(dead.stdout)) + "abcd1234"),  # SIGKILLed owner
+        "alive": tmp_path / (staging_prefix(out) + "efgh5678"),  # this process: still working on it
+        "old": tmp_path / ".out.partial-x7k2m9qa",  # owner unknown (an older kiln), untouched for 2 days
+        "recent": tmp_path / ".out.partial-p3n8r1zz",  # owner unknown, recent: might still be running
+    }
+    for path in leftovers.values():
+        path.mkdir()
+        (path / "params_shard_0.bin").write_bytes(b"\0" * 1024)
+    two_days_ago = time.time() - 2 * STALE_AFTER_S
+    os.utime(leftovers["old"], (two_days_ago, two_days_ago))
+    assert kiln(capsys, "convert_weight", checkpoint, "-q", "q0f32", "-o", out)[0] == 0
+    assert (out / "tensor-cache.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == sorted(
+        leftovers[k].name for k in ("alive", "recent"))
+
+
 def test_conversion_streams_tensor_by_tensor(tmp_path):
     """Peak memory stays near one tensor, not the model (here ~2 x 4 MB embedding tables)."""
     from kiln.pipeline.convert_weight import convert_weight

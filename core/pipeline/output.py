@@ -2,23 +2,85 @@
 
 Work happens in a hidden staging directory beside the output; on success its files move into
 place with the file that marks the result complete (``tensor-cache.json``, the library) last;
-on any failure, Ctrl-C included, the staging directory is removed.
+on any failure, Ctrl-C and SIGTERM included, the staging directory is removed.  A process killed
+outright (SIGKILL, power loss) cannot clean up, so the staging directory's name records its
+owner (``.NAME.partial-<host>-<pid>-<random>``) and the next run staging the same output removes
+the directories of owners that are gone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger("kiln")
+
+# A staging directory whose owner cannot be told (another machine, an older kiln) is removed
+# only when it has not changed for this long.
+STALE_AFTER_S = 24 * 3600
+
+
+def _host_tag() -> str:
+    return hashlib.md5(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def staging_prefix(output: Path, pid: int | None = None) -> str:
+    """The name prefix of ``output``'s staging directories owned by process ``pid`` (default: this one)."""
+    return f".{Path(output).name}.partial-{_host_tag()}-{os.getpid() if pid is None else pid}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_staging(output: Path) -> list[Path]:
+    """Remove ``output``'s staging directories left by processes that no longer run; return them."""
+    output = Path(output)
+    common = f".{output.name}.partial-"
+    removed = []
+    try:
+        candidates = [p for p in output.parent.iterdir() if p.name.startswith(common) and p.is_dir()]
+    except OSError:
+        return removed
+    host = _host_tag()
+    for path in candidates:
+        parts = path.name[len(common):].split("-")
+        try:
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+                stale = not _alive(int(parts[1]))
+            else:  # another machine's, or an older kiln's: go by age
+                stale = time.time() - path.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+                log.info("removed %s, left behind by an interrupted run", path)
+    return removed
 
 
 @contextmanager
 def staging_dir(output: Path):
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    sweep_stale_staging(output)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(output), dir=output.parent))
     try:
         yield tmp
     finally:
