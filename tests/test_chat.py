@@ -2,12 +2,14 @@
 
 import io
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from kiln import ChatModule
+from kiln.runtime.chat_module import GenerationConfig
 from kiln.callback import StreamToStdout
 from kiln.errors import CheckpointError, MismatchError
 from kiln.runtime.chat_cli import interactive
@@ -61,17 +63,40 @@ def test_missing_model_and_foreign_library_are_refused(built, tmp_path, kiln_bui
         ChatModule(model=built.model_dir, model_lib_path=foreign.lib)
 
 
+def test_stats_report_the_speed_of_the_last_answer(cm):
+    cm.reset_chat()
+    cm.engine.clear_prefix_cache()  # every prompt token is computed, none reused
+    before = (cm.engine.stats.prefill_tokens, cm.engine.stats.decode_tokens)
+    config = GenerationConfig(temperature=0, max_gen_len=12, stop=["\x00never"])
+    cm.generate("Tell me a story.", generation_config=config)
+    prefill = cm.engine.stats.prefill_tokens - before[0]
+    decode = cm.engine.stats.decode_tokens - before[1]
+    assert prefill > 0 and decode > 0
+    m = re.fullmatch(r"prefill: ([\d.]+) tok/s, decode: ([\d.]+) tok/s \(prefill (\d+) tokens in ([\d.]+) s, "
+                     r"decode (\d+) tokens in ([\d.]+) s\)", cm.stats(verbose=True))
+    assert m, cm.stats(verbose=True)
+    assert float(m.group(1)) > 0 and float(m.group(2)) > 0
+    # the token counts are the engine's: the prompt's tokens, and every generated token after
+    # the first (which the prefill produced)
+    assert (int(m.group(3)), int(m.group(5))) == (prefill, decode)
+    assert cm.stats() == f"prefill: {m.group(1)} tok/s, decode: {m.group(2)} tok/s"
+
+
 def test_interactive_commands(cm):
     cm.reset_chat()
-    script = "/help\n/set temperature=0;max_gen_len=5\n/set nonsense=1\nhello\n/stats\n/reset\n/bogus\n/exit\n"
-    out = io.StringIO()
-    interactive(cm, inp=io.StringIO(script), out=out)
+    script = ("/help\n/set temperature=0;max_gen_len=5\n/set nonsense=1\nhello\n/stats\n/reset\n/bogus\n/exit\n"
+              "after exit\n/bogus-after-exit\n")
+    inp, out = io.StringIO(script), io.StringIO()
+    interactive(cm, inp=inp, out=out)
     text = out.getvalue()
     assert "/reset" in text and "/stats" in text  # the help
     assert "set temperature=0.0, max_gen_len=5" in text
     assert "error: cannot set 'nonsense=1'" in text
-    assert "prefill: " in text and "conversation reset" in text and "unknown command /bogus" in text
-    assert cm.history == []
+    assert "prefill: " in text and "conversation reset" in text and "unknown command /bogus;" in text
+    # /exit left the loop: the lines after it were not read, let alone answered
+    assert inp.read() == "after exit\n/bogus-after-exit\n"
+    assert "/bogus-after-exit" not in text and "unknown command /exit" not in text
+    assert text.endswith(">>> ") and cm.history == []
 
 
 def kiln_cli(*args, stdin=None):
