@@ -327,8 +327,9 @@ def ratio(rounds_a, rounds_b, key_a, key_b, target):
         return None
     paired = [x[key_a] / y[key_b] for x, y in zip(rounds_a, rounds_b) if x.get(key_a) and y.get(key_b)]
     value = statistics.median(a) / statistics.median(b)
+    disturbed = sum(1 for x in list(rounds_a) + list(rounds_b) if (x.get("others_cpu") or 0) > DISTURBED)
     return {"value": value, "min": min(paired) if paired else value, "max": max(paired) if paired else value,
-            "target": target, "met": value >= target}
+            "target": target, "met": value >= target, "disturbed_rounds": disturbed}
 
 
 def fmt_fig(fig) -> str:
@@ -374,13 +375,17 @@ def report(res) -> str:
             lines.append(f"{label:32s} {'n/a':>26s} {target:>7s}  not measured")
         else:
             value = f"{r['value']:.2f}x ({r['min']:.2f}–{r['max']:.2f})"
-            lines.append(f"{label:32s} {value:>26s} {target:>7s}  {'met' if r['met'] else 'NOT MET'}")
+            status = "met" if r["met"] else "NOT MET"
+            if r.get("disturbed_rounds"):
+                status += f" (unreliable: {r['disturbed_rounds']} disturbed round{'s' if r['disturbed_rounds'] > 1 else ''})"
+            lines.append(f"{label:32s} {value:>26s} {target:>7s}  {status}")
     disturbed = [f"{name} round {i + 1} ({100 * x['others_cpu']:.0f}%)"
                  for name, entry in list(res["peers"].items()) + [("kiln_concurrent", conc or {})]
                  for i, x in enumerate(entry.get("rounds", [])) if (x.get("others_cpu") or 0) > DISTURBED]
     if disturbed:
         lines += ["", f"note: other processes used more than {100 * DISTURBED:.0f}% of the CPUs during "
-                      f"{', '.join(disturbed)}; the medians resist one such round, the min–max ranges do not."]
+                      f"{', '.join(disturbed)}. Contention slows the peers unequally (llama.cpp's spinning threads "
+                      "suffer most); the medians resist one such round, not more: rerun on a quiet machine."]
     bw = res.get("bandwidth")
     if bw:
         lines += ["", f"memory read bandwidth with {c['threads']} threads (TVM sum kernel; best pass, median in "
