@@ -381,6 +381,17 @@ def test_library_refuses_weights_and_configs_it_was_not_built_for(checkpoint, ki
     (mixed / "tensor-cache.json").write_text((wide.model_dir / "tensor-cache.json").read_text())
     with pytest.raises(MismatchError, match=r"parameter 'model\.embed_tokens\.weight'.*\[256, 128\].*\[256, 64\]"):
         LoadedModel(mixed, f32.lib)
+    # weights converted for another quantization under an unchanged config: the field is named
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "mlc-chat-config.json").write_text((f32.model_dir / "mlc-chat-config.json").read_text())
+    for f in q4.model_dir.glob("params_shard_*.bin"):
+        (swapped / f.name).write_bytes(f.read_bytes())
+    (swapped / "tensor-cache.json").write_text((q4.model_dir / "tensor-cache.json").read_text())
+    with pytest.raises(MismatchError) as err:
+        LoadedModel(swapped, f32.lib)
+    assert str(err.value).startswith(
+        f"weights in {swapped} were converted with quantization='q4f16_1' but the library was built for 'q0f32'")
     bogus = tmp_path / "bogus.so"
     _plain_library(bogus)
     with pytest.raises(MismatchError, match="is not a kiln model library"):

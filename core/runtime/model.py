@@ -111,6 +111,7 @@ class LoadedModel:
         self.device = resolve_device(device, self.metadata["device"])
         self.vm = relax.VirtualMachine(lib, self.device)
         index = read_index(self.model_dir)
+        self.check_weights(index, self.metadata, self.model_dir)
         check_params(index, self.metadata["params"], str(self.model_dir))
         self.param_names = [p["name"] for p in self.metadata["params"]]
         self.params = load_params(self.model_dir, self.param_names, self.device)
@@ -148,6 +149,23 @@ class LoadedModel:
                 raise MismatchError(
                     f"model library '{lib_path}' was built for {field_name}={lib_value!r} but the model's "
                     f"mlc-chat-config.json has {field_name}={config_value!r}: recompile it with `kiln compile`"
+                )
+
+    @staticmethod
+    def check_weights(index: dict, metadata: dict, model_dir) -> None:
+        """Refuse weights converted for another model type or quantization, naming the field.
+
+        ``tensor-cache.json`` records what ``convert_weight`` converted for; weights without that
+        record (converted by MLC-LLM) are left to the per-tensor check.
+        """
+        recorded = (index.get("metadata") or {}).get("kiln") or {}
+        for field_name in ("model_type", "quantization"):
+            weights_value, lib_value = recorded.get(field_name), metadata.get(field_name)
+            if weights_value is not None and weights_value != lib_value:
+                raise MismatchError(
+                    f"weights in {model_dir} were converted with {field_name}={weights_value!r} but the library was "
+                    f"built for {lib_value!r}: convert them again with `kiln convert_weight --{field_name.replace('_', '-')} "
+                    f"{lib_value}`, or use a library built for them"
                 )
 
     # ------------------------------------------------------------------ KV cache
