@@ -141,7 +141,8 @@ def chat_cmd(
             raise UsageError("no prompt: stdin was empty")
     config = GenerationConfig(temperature=temperature, max_gen_len=max_tokens, seed=seed)
     with ChatModule(model, model_lib, device, generation_config=config, quantization=quantization,
-                    context_window_size=context_window_size, max_total_tokens=max_total_tokens) as cm:
+                    context_window_size=context_window_size, max_total_tokens=max_total_tokens,
+                    front_end="chat") as cm:
         if prompt is not None:
             one_shot(cm, prompt)
         else:

@@ -111,7 +111,13 @@ def test_kiln_chat_one_shot_prompt_and_stdin(built, cm):
     cm.reset_chat()
     cm.generation_config.max_gen_len = 8
     assert res.stdout == cm.generate("hello") + "\n"
-    assert "Total memory usage:" in res.stderr and "Parameters:" in res.stderr and "KVCache:" in res.stderr
+    for words in ("Device: cpu", "Total memory usage:", "Parameters:", "KVCache:", "Temporary buffer:"):
+        assert words in res.stderr
+    # the hint names options that `kiln chat` has, and only those
+    hint = re.search(r"To reduce memory, lower (.*)\.$", res.stderr, re.M).group(1)
+    assert hint == "--max-total-tokens or --context-window-size"
+    help_ = kiln_cli("chat", "--help").stdout
+    assert all(re.search(rf"{option}\b", help_) for option in re.findall(r"--[a-z-]+", hint))
     piped = kiln_cli("chat", built.model_dir, "--model-lib", built.lib, "--temperature", "0", "--max-tokens", "8",
                      stdin="hello\n")
     assert piped.returncode == 0 and piped.stdout == res.stdout

@@ -6,6 +6,8 @@ multi-byte characters and stop strings always arrive split over several tokens.
 
 import contextlib
 import json
+import logging
+import re
 import shutil
 import threading
 import time
@@ -376,3 +378,21 @@ def test_the_older_ndarray_cache_json_name_loads(built, tmp_path):
         want = token_ids(eng, greedy(eng, tokens, 24))
     with Engine(legacy, legacy / built.lib.name, prefix_cache=False) as eng:
         assert token_ids(eng, greedy(eng, tokens, 24)) == want
+
+
+def test_load_logs_the_device_and_the_memory_estimate(built, caplog):
+    caplog.set_level(logging.INFO, logger="kiln")
+    with Engine(built.model_dir, built.lib, max_total_tokens=512, max_batch_size=4) as eng:
+        kv_mb = eng.model.kv_bytes_per_token() * eng.total_pages * eng.model.kv_config.page_size / (1 << 20)
+        params_mb = eng.model.param_bytes / (1 << 20)
+    text = caplog.text
+    assert re.search(r"Device: cpu:0 \(\{.*\"kind\":\"llvm\"", text), text
+    m = re.search(r"Total memory usage: ([\d.]+) MB \(Parameters: ([\d.]+) MB\. KVCache: ([\d.]+) MB\. "
+                  r"Temporary buffer: ([\d.]+) MB\)", text)
+    assert m, text
+    total, params, kv, temp = map(float, m.groups())
+    assert params == pytest.approx(params_mb, abs=0.01) and kv == pytest.approx(kv_mb, abs=0.01) and temp > 0
+    assert total == pytest.approx(params + kv + temp, abs=0.02)
+    # the hint names what the Python API takes, not command-line options
+    assert ("KV cache: 512 tokens for up to 4 sequences, context window 256. To reduce memory, lower Engine's "
+            "max_total_tokens, max_batch_size or context_window_size.") in text

@@ -43,6 +43,7 @@ class ChatModule:
         from .engine import Engine
 
         engine_options.setdefault("max_batch_size", 1)
+        engine_options.setdefault("front_end", "chat_module")
         self.engine = Engine(model, model_lib_path, device, **engine_options)
         self.generation_config = generation_config or GenerationConfig()
         self.history: list[dict] = []

@@ -40,6 +40,14 @@ _PREFIX_CACHE_ENTRIES = 4
 DEFAULT_BATCH = 8  # sequences decoded together unless asked otherwise
 DEFAULT_KV_BUDGET = 2 << 30  # bytes of KV cache unless asked otherwise
 _WAIT_IDLE = 0.05
+# what lowers the memory estimate, in the words of each front end (the load log's hint names
+# only options that the user's front end has)
+REDUCE_MEMORY_HINTS = {
+    "engine": "Engine's max_total_tokens, max_batch_size or context_window_size",
+    "chat_module": "ChatModule's max_total_tokens or context_window_size",
+    "chat": "--max-total-tokens or --context-window-size",
+    "serve": "--max-total-tokens, --max-batch-size or --context-window-size",
+}
 
 
 # ------------------------------------------------------------------------------- internal state
@@ -113,6 +121,8 @@ class Engine:
 
     ``Engine(model, model_lib=None, device="auto", max_batch_size=None, max_total_tokens=None,
     context_window_size=None, prefill_chunk_size=None, prefix_cache=True, quantization=None)``.
+    ``front_end`` (``engine``, ``chat_module``, ``chat``, ``serve``) only picks the words of the
+    load log's "to reduce memory" hint.
     ``model`` is a kiln model directory, a Hugging Face checkpoint directory, a ``.gguf`` file or
     a packaged model name (``smollm2``); what is not yet converted or compiled is built once into
     the cache (``quantization`` picks the scheme then; default: the device's).
@@ -130,6 +140,7 @@ class Engine:
         prefill_chunk_size: int | None = None,
         prefix_cache: bool = True,
         quantization: str | None = None,
+        front_end: str = "engine",
     ):
         from .conversation import Conversation
         from .model import LoadedModel
@@ -152,7 +163,7 @@ class Engine:
             self.context_window_size = self.max_total_tokens
         self.model.create_kv_cache(self.max_batch_size, self.max_total_tokens, self.prefill_chunk_size)
         self.total_pages = self.model.free_pages()
-        self._log_memory()
+        self._log_memory(REDUCE_MEMORY_HINTS.get(front_end, REDUCE_MEMORY_HINTS["engine"]))
         self.defaults = {
             k: cfg[k] for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
             if cfg.get(k) is not None
@@ -186,7 +197,7 @@ class Engine:
         budget = min(ram // 8, DEFAULT_KV_BUDGET)
         return max(min(want, budget // self.model.kv_bytes_per_token()), min(self.context_window_size, want))
 
-    def _log_memory(self):
+    def _log_memory(self, reduce_hint: str):
         mb = 1 / (1 << 20)
         params = self.model.param_bytes * mb
         kv = self.model.kv_bytes_per_token() * self.total_pages * self.model.kv_config.page_size * mb
@@ -199,12 +210,8 @@ class Engine:
             "Total memory usage: %.2f MB (Parameters: %.2f MB. KVCache: %.2f MB. Temporary buffer: %.2f MB)",
             params + kv + temp, params, kv, temp,
         )
-        log.info(
-            "KV cache: %d tokens for up to %d sequences, context window %d. To reduce memory, lower "
-            "max_total_tokens, max_batch_size or context_window_size (kiln chat/serve: --max-total-tokens, "
-            "--max-batch-size, --context-window-size).",
-            self.max_total_tokens, self.max_batch_size, self.context_window_size,
-        )
+        log.info("KV cache: %d tokens for up to %d sequences, context window %d. To reduce memory, lower %s.",
+                 self.max_total_tokens, self.max_batch_size, self.context_window_size, reduce_hint)
 
     # ------------------------------------------------------------------ public helpers
     def close(self) -> None:

@@ -905,7 +905,7 @@ def serve(
     extra = {"quantization": quantization} if quantization else {}
     engine = _ServingEngine(model, model_lib, device, metrics=Metrics(), max_batch_size=max_batch_size,
                             max_total_tokens=max_total_tokens, context_window_size=context_window_size,
-                            prefix_cache=prefix_cache, **extra)
+                            prefix_cache=prefix_cache, front_end="serve", **extra)
     try:
         model_dir = Path(engine.model.model_dir)
         names = (str(model), str(model).rstrip("/"), Path(str(model)).name, model_dir.name, str(model_dir))
