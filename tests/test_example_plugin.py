@@ -117,3 +117,21 @@ def test_plugin_source_template_and_resolver(tmp_path, capsys):
     assert index["metadata"]["kiln"]["source_format"] == "npz"
     assert index["metadata"]["kiln"]["model_type"] == "qwen2"
     assert json.loads((out / "mlc-chat-config.json").read_text())["conv_template"] == "example-chat"
+
+
+def test_a_model_the_plugin_ships_is_found_by_name(tmp_path, capsys):
+    from kiln.cli import main
+
+    out = tmp_path / "out"
+    assert main(["convert_weight", "tiny-qwen2-example", "-q", "q4f32_1", "-o", str(out)]) == 0
+    assert main(["gen_config", "tiny-qwen2-example", "-q", "q4f32_1", "-o", str(out)]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "tensor-cache.json").read_text())["metadata"]["kiln"]
+    assert (meta["source_format"], meta["model_type"], meta["quantization"]) == ("npz", "qwen2", "q4f32_1")
+    assert meta["source"] == "tiny-qwen2-example"
+    cfg = json.loads((out / "mlc-chat-config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["model_config"]["hidden_size"] == 32
+    # a name nobody ships is refused with the names that are installed, the plugin's among them
+    assert main(["convert_weight", "tiny-qwen3-example", "-q", "q0f32", "-o", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint 'tiny-qwen3-example' not found" in err and "tiny-qwen2-example" in err.split("installed: ")[1]

@@ -93,9 +93,10 @@ def register_conv_templates():
 
 @hookimpl
 def register_model_sources():
-    from .npz_source import NpzCheckpoint, detect
+    from .npz_source import NpzCheckpoint, detect, packaged_models
 
     return [ModelSourceSpec(name="npz", detect=detect, open=NpzCheckpoint, priority=5,
+                            packaged_models=packaged_models,  # names of the models this package ships
                             description="config.json + weights.npz (Hugging Face tensor names)")]
 
 

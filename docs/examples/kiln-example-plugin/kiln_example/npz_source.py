@@ -13,6 +13,12 @@ def detect(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "weights.npz").is_file()
 
 
+def packaged_models() -> dict[str, Path]:
+    """Models this package ships, by name: ``kiln convert_weight tiny-qwen2-example ...`` finds them."""
+    root = Path(__file__).parent / "models"
+    return {"tiny-qwen2-example": root / "tiny-qwen2"}
+
+
 class NpzCheckpoint(Checkpoint):
     def __init__(self, root: Path):
         root = checkpoint_dir(root)
