@@ -26,6 +26,26 @@ from .model_config import ModelConfig
 
 
 # ----------------------------------------------------------------------------- kernels
+ROPE_KERNEL = "tir_split_rotary"  # TVM's name for the KV cache's RoPE kernel (q/k/v split + rotation)
+ROPE_ATTR = "kiln.rope"
+
+
+def _annotate_rope(theta: float, scale: float, scaling: dict, rotary_dim: int) -> None:
+    """Record on TVM's RoPE kernel the parameters it was built from (``kiln.rope``: JSON of
+    ``theta``, ``scale``, ``rope_scaling``, ``rotary_dim``), so a backend can replace the kernel
+    with its own, computing the same frequencies (the CPU backend does)."""
+    import json
+
+    bb = relax.BlockBuilder.current()
+    if bb is None:
+        return
+    mod = bb.get()
+    for gv, func in mod.functions_items():
+        if gv.name_hint == ROPE_KERNEL and isinstance(func, tirx.PrimFunc):
+            record = {"theta": theta, "scale": scale, "rope_scaling": scaling, "rotary_dim": rotary_dim}
+            bb.update_func(gv, func.with_attr(ROPE_ATTR, json.dumps(record, sort_keys=True)))
+
+
 def _reduce_dtype(dtype: str) -> str:
     return "float32" if dtype in ("float16", "bfloat16") else dtype
 
@@ -135,7 +155,7 @@ class CausalLM(nn.Module):
     ) -> PagedKVCache:
         c = self.config
         theta, scale, scaling = c.rope()
-        return TIRPagedKVCache(
+        cache = TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -160,6 +180,8 @@ class CausalLM(nn.Module):
             dtype=self.dtype,
             target=self.target,
         )
+        _annotate_rope(theta, scale, scaling, c.head_dim)
+        return cache
 
     def get_default_spec(self):
         hidden = self.config.hidden_size

@@ -1,135 +1,210 @@
-"""Hand-written CPU kernels for the projections of a decode step.
+"""Hand-written CPU kernels for the projections and the attention of a model step.
 
-A decode step multiplies one activation row per sequence by every weight matrix of the model:
-matrix-vector products over packed low-bit weights.  Expressed as one TE reduction and left to
-the schedule rules, TVM vectorizes the dequantization poorly (the codes of a packed word end up
-gathered lane by lane).  This kernel is written out in TIR instead:
+**Projections over packed low-bit weights** (``q_matmul``: ``y[b, n] = sum_k x[b, k] * W[n, k]``,
+``W`` dequantized on the fly).  Expressed as one TE reduction and left to schedule rules, TVM
+vectorizes the unpacking poorly (the codes of a packed word end up gathered lane by lane) and
+unpacks every weight again for every activation row.  This kernel is written out in TIR:
 
-* the activations are re-laid out once per call so that code ``j`` of 16 consecutive packed
-  words meets 16 consecutive activations (``xp[b, j, w] = x[b, w * P + j]``), and their per-group
-  sums are taken once (``xs``), so the inner loop is: load 16 words, shift, mask, convert,
-  multiply-add — one vector instruction each, no gathers;
-* the group scale multiplies the 8 (4) partial products of a word block once, and the group
-  minimum (or the symmetric offset) enters as ``min * sum(x)`` per group, outside the inner loop;
-* two weight rows are interleaved so their dependency chains overlap and share activation
-  loads; rows are spread over threads, and each task prefetches the rows a few tasks ahead: a
+* the activations are re-laid out so that code ``j`` of ``L`` consecutive packed words meets
+  ``L`` consecutive activations (``xp[b, j, w] = x[b, w * P + j]``), so the inner loop is: load
+  ``L`` words, mask, convert, multiply-add, one vector instruction each, no gathers.  Code ``j``
+  is taken by masking in place (``word & (mask << bits * j)`` = ``code * 2**(bits * j)``, exactly)
+  and the activation carries ``2**-(bits * j)`` (exact too), which saves the shift; the top code
+  is a plain shift;
+* the group scale and minimum are spread over the lanes of a word block once (a broadcast load
+  and a shuffle) and enter as ``acc += (sum_j code_j * x_j) * scale + minimum * sum_j x_j``, with
+  the per-word activation sums ``xw`` taken once per call;
+* a block's codes are unpacked once and used by a tile of ``BATCH_TILE`` activation rows (batched
+  decode, prefill); a lone row instead runs two weight rows side by side with two partial sums
+  each, so the multiply-add chains overlap;
+* weight rows are spread over threads, and each task prefetches the rows a few tasks ahead: a
   decode step streams the whole model from memory, and the hardware prefetcher alone left the
-  kernel at half the bandwidth it reaches with the hint.
+  kernel at half the bandwidth it reaches with the hint;
+* long inputs (prefill) run in chunks of ``CHUNK_ROWS`` activation rows, so the re-laid-out
+  activations stay in the core's cache while every weight row passes over them.
 
 The kernel keeps the signature (and the exact result, up to float reassociation) of the
-``q_matmul`` PrimFunc kiln's quantized layers emit; :func:`replace_decode_gemv` swaps it in.
+``q_matmul`` PrimFunc kiln's quantized layers emit; :func:`replace_decode_kernels` swaps it in.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import tvm
 from tvm.script import tirx as T
 
 log = logging.getLogger("kiln")
 
-ROWS = 2  # weight rows per task, interleaved
+ROWS_PER_TASK = 4  # weight rows per parallel task
+PAIR = 2  # weight rows computed side by side for a lone activation row
+BATCH_TILE = 4  # activation rows sharing one unpacking of a word block
+CHUNK_ROWS = 64  # activation rows re-laid out (and kept in cache) at a time
+PARALLEL_RELAYOUT = 8  # chunks of at least this many rows are re-laid out by all threads
 PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
-
-
-def _tail_lanes(words_left: int, per_group: int) -> int:
-    return words_left if words_left % per_group == 0 else 0
 
 
 def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str, has_min: bool,
                    x_dtype: str, out_dtype: str, lanes: int, batch_first: bool):
     """A PrimFunc ``(x, q_weight, q_scale[, q_min], out)`` computing ``out = x @ dequant(W).T``.
 
-    ``x`` is ``[B, 1, K]`` (``batch_first``) or ``[1, B, K]`` with ``B`` symbolic.
+    ``x`` is ``[B, 1, K]`` (``batch_first``: a decode step) or ``[1, B, K]`` (a prefill), with
+    ``B`` symbolic.  Weights as :mod:`kiln.quantization.group` stores them: ``bits``-bit codes
+    packed ``32 / bits`` per uint32, a scale (and for asymmetric schemes a minimum) per ``group``
+    weights; symmetric codes are offset by ``2**(bits - 1) - 1``.
     """
-    P = 32 // bits
-    W = k // P
+    P = 32 // bits  # codes per word
+    W = k // P  # words per weight row
     G = k // group
-    WG = group // P  # packed words per group
+    WG = group // P  # words per group
     L = lanes
     NB = W // L
     TAIL = W - NB * L
     MASK = (1 << bits) - 1
     OFF = float((1 << (bits - 1)) - 1)
-    R = ROWS
-    QPB = L // WG  # groups per block of L words
-    TG = TAIL // WG
-    if n_rows % R or L % WG or TAIL % WG or k % group or group % P:
+    RT, RB, BT, MC = ROWS_PER_TASK, PAIR, BATCH_TILE, CHUNK_ROWS
+    if n_rows % RT or RT % RB or L % WG or TAIL % WG or k % group or group % P or P % 2:
         raise ValueError("shape not supported by the hand-written GEMV")
 
-    def minimum(qs, qm, n, g):
-        if has_min:
-            return T.Cast("float32", qm[n, g])
-        return T.Cast("float32", qs[n, g]) * T.float32(-OFF)
+    def code(qw, n, w, j):
+        """Code ``j`` of word ``w`` of row ``n`` times ``2**(bits * j)`` (the top one: times 1)."""
+        word = qw[n, w]
+        top = T.shift_right(word, T.uint32(bits * (P - 1)))
+        masked = T.bitwise_and(word, T.shift_left(T.uint32(MASK), T.Cast("uint32", j * bits)))
+        return T.Cast("float32", T.reinterpret("int32", T.Select(j == P - 1, top, masked)))
+
+    def code_weight(j):
+        """``2**-(bits * j)`` (1 for the top code), built from the float's exponent bits."""
+        return T.reinterpret("float32", T.shift_left(T.Select(j == P - 1, 127, 127 - j * bits), 23))
 
     def x_at(x, b, kk):
         return T.Cast("float32", x[b, 0, kk] if batch_first else x[0, b, kk])
 
+    def spread(buf, n, g0, nl):
+        """``nl`` lanes of words from group ``g0`` on: each lane gets its group's value."""
+        q = nl // WG
+        v = T.Cast(f"float32x{q}", buf[n, T.Ramp(g0, 1, q)]) if q > 1 else T.Broadcast(T.Cast("float32", buf[n, g0]), 1)
+        return T.Shuffle([v] * WG, [lane // WG for lane in range(nl)])
+
+    def make_block(nl, n_batch, n_rows_side):
+        """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``."""
+        if n_batch == 1:  # a lone activation row: weight rows side by side, two chains each
+            @T.macro
+            def block(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, w0, b0):
+                for rb in T.unroll(n_rows_side):
+                    sv[rb, T.Ramp(0, 1, nl)] = spread(qs, n + rb, w0 // WG, nl)
+                    if has_min:
+                        mv[rb, T.Ramp(0, 1, nl)] = spread(qm, n + rb, w0 // WG, nl)
+                    else:
+                        for l in T.vectorized(nl):
+                            mv[rb, l] = sv[rb, l] * T.float32(-OFF)
+                    for h in T.unroll(2):
+                        for l in T.vectorized(nl):
+                            tmp[rb * 2 + h, l] = code(qw, n + rb, w0 + l, h) * xp[b0, h, w0 + l]
+                    for j in T.unroll(P // 2 - 1):
+                        for h in T.unroll(2):
+                            for l in T.vectorized(nl):
+                                tmp[rb * 2 + h, l] = tmp[rb * 2 + h, l] + code(qw, n + rb, w0 + l, 2 * j + 2 + h) * xp[b0, 2 * j + 2 + h, w0 + l]
+                    for l in T.vectorized(nl):
+                        acc[rb, l] = acc[rb, l] + (tmp[rb * 2, l] + tmp[rb * 2 + 1, l]) * sv[rb, l] + mv[rb, l] * xw[b0, w0 + l]
+        else:  # a tile of activation rows: one weight row, its codes unpacked once
+            @T.macro
+            def block(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, w0, b0):
+                for j in T.unroll(P):
+                    for l in T.vectorized(nl):
+                        cb[j, l] = code(qw, n, w0 + l, j)
+                sv[0, T.Ramp(0, 1, nl)] = spread(qs, n, w0 // WG, nl)
+                if has_min:
+                    mv[0, T.Ramp(0, 1, nl)] = spread(qm, n, w0 // WG, nl)
+                else:
+                    for l in T.vectorized(nl):
+                        mv[0, l] = sv[0, l] * T.float32(-OFF)
+                for bb in T.unroll(n_batch):
+                    for l in T.vectorized(nl):
+                        tmp[0, l] = cb[0, l] * xp[b0 + bb, 0, w0 + l]
+                    for j in T.unroll(P - 1):
+                        for l in T.vectorized(nl):
+                            tmp[0, l] = tmp[0, l] + cb[j + 1, l] * xp[b0 + bb, j + 1, w0 + l]
+                    for l in T.vectorized(nl):
+                        acc[bb, l] = acc[bb, l] + tmp[0, l] * sv[0, l] + mv[0, l] * xw[b0 + bb, w0 + l]
+        return block
+
+    def make_tile(n_batch, n_rows_side):
+        """Whole rows: ``n_batch`` activation rows from ``b0`` (``y`` rows from ``yb0``) times
+        ``n_rows_side`` weight rows from ``n``."""
+        full = make_block(L, n_batch, n_rows_side)
+        tail = make_block(TAIL, n_batch, n_rows_side) if TAIL else None
+        NA = max(n_batch, n_rows_side)  # one accumulator per output
+
+        @T.macro
+        def tile(qw, qs, qm, y, xp, xw, n, b0, yb0):
+            with T.sblock("tile"):
+                acc = T.sblock_alloc_buffer((NA, L), "float32")
+                cb = T.sblock_alloc_buffer((P, L), "float32")
+                sv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
+                mv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
+                tmp = T.sblock_alloc_buffer((2 * n_rows_side, L), "float32")
+                for a in T.unroll(NA):
+                    for l in T.vectorized(L):
+                        acc[a, l] = T.float32(0)
+                for kb in T.serial(NB):
+                    full(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, kb * L, b0)
+                if TAIL > 0:
+                    tail(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, NB * L, b0)
+                for a in T.unroll(NA):
+                    if L >= 16:
+                        for l in T.vectorized(8):
+                            acc[a, l] = acc[a, l] + acc[a, l + 8]
+                    if L >= 8:
+                        for l in T.vectorized(4):
+                            acc[a, l] = acc[a, l] + acc[a, l + 4]
+                    for l in T.vectorized(2):
+                        acc[a, l] = acc[a, l] + acc[a, l + 2]
+                    if batch_first:
+                        y[yb0 + a % n_batch, 0, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
+                    else:
+                        y[0, yb0 + a % n_batch, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
+        return tile
+
+    tile_batch = make_tile(BT, 1)
+    tile_two = make_tile(2, 1)
+    tile_lone = make_tile(1, RB)
+
+    @T.macro
+    def relayout(x, xp, xw, b, row):
+        for w in T.serial(W):
+            xw[b, w] = T.float32(0)
+            for j in T.unroll(P):
+                xp[b, j, w] = x_at(x, row, w * P + j) * code_weight(j)
+                xw[b, w] = xw[b, w] + x_at(x, row, w * P + j)
+
     @T.macro
     def body(x, qw, qs, qm, y, B):
         with T.sblock("root"):
-            xp = T.sblock_alloc_buffer((B, P, W), "float32")
-            xs = T.sblock_alloc_buffer((B, G), "float32")
-            for b in T.serial(B):
-                for w in T.serial(W):
-                    for j in T.unroll(P):
-                        xp[b, j, w] = x_at(x, b, w * P + j)
-                for g in T.serial(G):
-                    xs[b, g] = T.float32(0)
-                    for t in T.serial(group):
-                        xs[b, g] = xs[b, g] + x_at(x, b, g * group + t)
-            for no in T.parallel(n_rows // R):
-                for c in T.serial((R * W + 15) // 16):  # one prefetch per 64-byte line
-                    T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
-                        qw[T.min(no * R + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
-                for b in T.serial(B):
-                    with T.sblock("rows"):
-                        acc = T.sblock_alloc_buffer((R, L), "float32")
-                        tmp = T.sblock_alloc_buffer((R, L), "float32")
-                        acc2 = T.sblock_alloc_buffer((R, L), "float32")
-                        for r in T.unroll(R):
-                            for l in T.vectorized(L):
-                                acc[r, l] = T.float32(0)
-                                acc2[r, l] = T.float32(0)
-                        for kb in T.serial(NB):
-                            for r in T.unroll(R):
-                                for l in T.vectorized(L):
-                                    tmp[r, l] = T.Cast("float32", T.bitwise_and(qw[no * R + r, kb * L + l], T.uint32(MASK))) * xp[b, 0, kb * L + l]
-                                for j in T.unroll(P - 1):
-                                    for l in T.vectorized(L):
-                                        tmp[r, l] = tmp[r, l] + T.Cast("float32", T.bitwise_and(T.shift_right(qw[no * R + r, kb * L + l], T.uint32((j + 1) * bits)), T.uint32(MASK))) * xp[b, j + 1, kb * L + l]
-                                for q in T.unroll(QPB):
-                                    for l in T.vectorized(WG):
-                                        acc[r, q * WG + l] = acc[r, q * WG + l] + tmp[r, q * WG + l] * T.Cast("float32", qs[no * R + r, kb * QPB + q])
-                                for l in T.vectorized(QPB):
-                                    acc2[r, l] = acc2[r, l] + minimum(qs, qm, no * R + r, kb * QPB + l) * xs[b, kb * QPB + l]
-                        for r in T.unroll(R):
-                            if TAIL > 0:
-                                for l in T.vectorized(TAIL):
-                                    tmp[r, l] = T.Cast("float32", T.bitwise_and(qw[no * R + r, NB * L + l], T.uint32(MASK))) * xp[b, 0, NB * L + l]
-                                for j in T.unroll(P - 1):
-                                    for l in T.vectorized(TAIL):
-                                        tmp[r, l] = tmp[r, l] + T.Cast("float32", T.bitwise_and(T.shift_right(qw[no * R + r, NB * L + l], T.uint32((j + 1) * bits)), T.uint32(MASK))) * xp[b, j + 1, NB * L + l]
-                                for q in T.unroll(TG):
-                                    for l in T.vectorized(WG):
-                                        acc[r, q * WG + l] = acc[r, q * WG + l] + tmp[r, q * WG + l] * T.Cast("float32", qs[no * R + r, NB * QPB + q])
-                                for q in T.unroll(TG):
-                                    acc2[r, q] = acc2[r, q] + minimum(qs, qm, no * R + r, NB * QPB + q) * xs[b, NB * QPB + q]
-                            for l in T.vectorized(L):
-                                acc[r, l] = acc[r, l] + acc2[r, l]
-                            if L >= 16:
-                                for l in T.vectorized(8):
-                                    acc[r, l] = acc[r, l] + acc[r, l + 8]
-                            if L >= 8:
-                                for l in T.vectorized(4):
-                                    acc[r, l] = acc[r, l] + acc[r, l + 4]
-                            for l in T.vectorized(2):
-                                acc[r, l] = acc[r, l] + acc[r, l + 2]
-                            if batch_first:
-                                y[b, 0, no * R + r] = T.Cast(out_dtype, acc[r, 0] + acc[r, 1])
-                            else:
-                                y[0, b, no * R + r] = T.Cast(out_dtype, acc[r, 0] + acc[r, 1])
+            xp = T.sblock_alloc_buffer((T.min(B, MC), P, W), "float32")
+            xw = T.sblock_alloc_buffer((T.min(B, MC), W), "float32")
+            for mc in T.serial((B + MC - 1) // MC):
+                nb: T.let[T.int64] = T.min(B - mc * MC, MC)
+                if nb >= PARALLEL_RELAYOUT:
+                    for b in T.parallel(nb):
+                        relayout(x, xp, xw, b, mc * MC + b)
+                else:
+                    for b in T.serial(nb):
+                        relayout(x, xp, xw, b, mc * MC + b)
+                for no in T.parallel(n_rows // RT):
+                    for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
+                        T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
+                            qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
+                    for bt in T.serial(nb // BT):
+                        for r in T.serial(RT):
+                            tile_batch(qw, qs, qm, y, xp, xw, no * RT + r, bt * BT, mc * MC + bt * BT)
+                    if nb % BT >= 2:
+                        for r in T.serial(RT):
+                            tile_two(qw, qs, qm, y, xp, xw, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
+                    if nb % 2 == 1:
+                        for r in T.serial(RT // RB):
+                            tile_lone(qw, qs, qm, y, xp, xw, no * RT + r * RB, nb - 1, mc * MC + nb - 1)
 
     if has_min:
         @T.prim_func(s_tir=True, private=True)
@@ -211,8 +286,17 @@ def replace_decode_kernels(target: tvm.target.Target):
                 kernel = _decode_attention_for(func)
                 if kernel is not None:
                     updates[gv] = kernel.with_attr("global_symbol", "batch_decode_paged_kv_cpu")
+            elif func.attrs is not None and "kiln.rope" in func.attrs:
+                kernel = _rope_for(func)
+                if kernel is not None:
+                    updates[gv] = kernel.with_attr("global_symbol", str(func.attrs.get("global_symbol", gv.name_hint)))
+            elif str(func.attrs.get("global_symbol", "")) == "batch_prefill_ragged_kv":
+                kernel = _prefill_attention_for(func)
+                if kernel is not None:
+                    updates[gv] = kernel.with_attr("global_symbol", "batch_prefill_ragged_kv")
         for gv, func in updates.items():
             mod[gv] = func
+        log.debug("kiln CPU kernels replace: %s", ", ".join(sorted(gv.name_hint for gv in updates)))
         return mod
 
     return _pass
@@ -220,6 +304,88 @@ def replace_decode_kernels(target: tvm.target.Target):
 
 # ---------------------------------------------------------------------------------------- attention
 LOG2E = 1.4426950408889634
+# 2**f = sum_n (f ln 2)**n / n! on [-1/2, 1/2]: degree 7 leaves a relative error below 1e-8
+_EXP2_COEFFS = [math.log(2) ** n / math.factorial(n) for n in range(8)]
+
+
+def fast_exp2(x):
+    """``2**x`` in plain arithmetic (vectorizes, unlike the libm call LLVM emits for ``exp2``):
+    round ``x`` to an integer ``i`` and a fraction ``f`` in [-1/2, 1/2], evaluate the series of
+    ``2**f``, put ``i`` into the exponent.  Inputs below -126 give ``2**-126`` (~1e-38)."""
+    x = T.max(T.min(x, T.float32(127)), T.float32(-126))
+    i = T.round(x)
+    f = x - i
+    p = T.float32(_EXP2_COEFFS[-1])
+    for c in reversed(_EXP2_COEFFS[:-1]):
+        p = p * f + T.float32(c)
+    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", i) + 127, 23))
+
+
+def _attention_state(D: int, KB: int, VL: int, key_at, value_at):
+    """Macros for one (query, head) of attention over blocks of ``KB`` keys, online softmax in
+    base 2 (TVM's convention: scores carry ``log2 e``, ``lse`` is a log2-sum-exp).
+
+    ``key_at(kbuf, base, hk, t, d)`` and ``value_at(vbuf, base, hk, t, d)`` load key/value ``t`` of
+    the block at ``base`` (a page, or a first row).
+    """
+    NCH = D // VL
+
+    @T.macro
+    def start(qv, o, st, Qbuf, qrow, h, sm_scale):
+        for d in T.vectorized(D):
+            qv[d] = T.Cast("float32", Qbuf[qrow, h, d]) * (sm_scale * T.float32(LOG2E))
+            o[d] = T.float32(0)
+        st[0] = T.float32(-5e4)  # running max
+        st[1] = T.float32(0)  # running denominator
+
+    @T.macro
+    def block(qv, o, s, dot, st, kbuf, vbuf, base, hk, n_rows):
+        st[3] = T.float32(-5e4)  # block max
+        for t in T.serial(KB):
+            if t < n_rows:
+                for l in T.vectorized(VL):
+                    dot[l] = qv[l] * T.Cast("float32", key_at(kbuf, base, hk, t, l))
+                for c in T.serial(NCH - 1):
+                    for l in T.vectorized(VL):
+                        dot[l] = dot[l] + qv[(c + 1) * VL + l] * T.Cast("float32", key_at(kbuf, base, hk, t, (c + 1) * VL + l))
+                if VL >= 16:
+                    for l in T.vectorized(8):
+                        dot[l] = dot[l] + dot[l + 8]
+                if VL >= 8:
+                    for l in T.vectorized(4):
+                        dot[l] = dot[l] + dot[l + 4]
+                if VL >= 4:
+                    for l in T.vectorized(2):
+                        dot[l] = dot[l] + dot[l + 2]
+                if VL >= 2:
+                    s[t] = dot[0] + dot[1]
+                else:
+                    s[t] = dot[0]
+                st[3] = T.max(st[3], s[t])
+        st[2] = T.max(st[0], st[3])
+        st[1] = st[1] * fast_exp2(st[0] - st[2])
+        for d in T.vectorized(D):
+            o[d] = o[d] * fast_exp2(st[0] - st[2])
+        st[0] = st[2]
+        for t in T.vectorized(KB):
+            s[t] = T.Select(t < n_rows, fast_exp2(s[t] - st[0]), T.float32(0))
+        for t in T.serial(KB):
+            st[1] = st[1] + s[t]
+        for t in T.serial(n_rows):
+            for d in T.vectorized(D):
+                o[d] = o[d] + s[t] * T.Cast("float32", value_at(vbuf, base, hk, t, d))
+
+    @T.macro
+    def finish(o, st, out, lse_buf, qrow, h, dtype):
+        for d in T.vectorized(D):
+            out[qrow, h, d] = T.Cast(dtype, o[d] / T.max(st[1], T.float32(1e-30)))
+        lse_buf[qrow, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
+
+    return start, block, finish
+
+
+def _vector_lanes(head_dim: int) -> int:
+    return 16 if head_dim % 16 == 0 else 8 if head_dim % 8 == 0 else 4 if head_dim % 4 == 0 else 1
 
 
 def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, page_size: int):
@@ -227,15 +393,16 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
 
     Same signature and results (output and log2-sum-exp ``lse``) as TVM's CPU kernel
     ``batch_decode_paged_kv_cpu``, which walks the cache one scalar at a time on one thread.
-    Here every (sequence, query head) is a task spread over threads; a page's 16 scores are
-    computed with vectorized dot products, then one online-softmax update per page rescales the
-    vectorized output accumulator.  RoPE must have been applied before caching (kiln's models
-    do); the kernel refuses ``rotary_mode`` 1.
+    Here every (sequence, query head) is a task spread over threads; a page's scores are
+    computed with vectorized dot products, exponentiated together (:func:`fast_exp2`), and one
+    online-softmax update per page rescales the vectorized output accumulator.  RoPE must have
+    been applied before caching (kiln's models do); the kernel refuses ``rotary_mode`` 1.
     """
     H_qo, H_kv, D, PS = num_qo_heads, num_kv_heads, head_dim, page_size
     GROUP = H_qo // H_kv
-    VL = 16 if D % 16 == 0 else 8 if D % 8 == 0 else 4 if D % 4 == 0 else 1
-    NCH = D // VL
+    VL = _vector_lanes(D)
+    start, block, finish = _attention_state(
+        D, PS, VL, lambda buf, pg, hk, t, d: buf[pg, 0, hk, t, d], lambda buf, pg, hk, t, d: buf[pg, 1, hk, t, d])
 
     @T.prim_func(s_tir=True, private=True)
     def batch_decode_paged_kv(
@@ -278,58 +445,20 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
                 T.reads(Q[0:B, 0:H_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:PS, 0:D],
                         page_table_indptr[0:B + 1], page_table_values[0:nnz_pages], length_info[0:B])
                 T.writes(output[0:B, 0:H_qo, 0:D], lse[0:B, 0:H_qo])
-                q = T.sblock_alloc_buffer((D,), "float32")
+                qv = T.sblock_alloc_buffer((D,), "float32")
                 o = T.sblock_alloc_buffer((D,), "float32")
                 s = T.sblock_alloc_buffer((PS,), "float32")
                 dot = T.sblock_alloc_buffer((VL,), "float32")
-                st = T.sblock_alloc_buffer((4,), "float32")  # running max, denominator, new max, page max
+                st = T.sblock_alloc_buffer((4,), "float32")
                 b: T.let[T.int32] = task // H_qo
                 h: T.let[T.int32] = task % H_qo
-                hk: T.let[T.int32] = h // GROUP
                 begin: T.let[T.int32] = page_table_indptr[b]
                 n_pages: T.let[T.int32] = page_table_indptr[b + 1] - begin
-                for d in T.vectorized(D):
-                    q[d] = T.Cast("float32", Q[b, h, d]) * (sm_scale * T.float32(LOG2E))
-                    o[d] = T.float32(0)
-                st[0] = T.float32(-5e4)
-                st[1] = T.float32(1)
+                start(qv, o, st, Q, b, h, sm_scale)
                 for p in T.serial(n_pages):
-                    page: T.let[T.int32] = page_table_values[begin + p]
-                    n_rows: T.let[T.int32] = T.if_then_else(p == n_pages - 1, length_info[b], PS)
-                    st[3] = T.float32(-5e4)
-                    for t in T.serial(n_rows):
-                        for l in T.vectorized(VL):
-                            dot[l] = q[l] * T.Cast("float32", pages[page, 0, hk, t, l])
-                        for c in T.serial(NCH - 1):
-                            for l in T.vectorized(VL):
-                                dot[l] = dot[l] + q[(c + 1) * VL + l] * T.Cast("float32", pages[page, 0, hk, t, (c + 1) * VL + l])
-                        if VL >= 16:
-                            for l in T.vectorized(8):
-                                dot[l] = dot[l] + dot[l + 8]
-                        if VL >= 8:
-                            for l in T.vectorized(4):
-                                dot[l] = dot[l] + dot[l + 4]
-                        if VL >= 4:
-                            for l in T.vectorized(2):
-                                dot[l] = dot[l] + dot[l + 2]
-                        if VL >= 2:
-                            s[t] = dot[0] + dot[1]
-                        else:
-                            s[t] = dot[0]
-                        st[3] = T.max(st[3], s[t])
-                    st[2] = T.max(st[0], st[3])
-                    st[1] = st[1] * T.exp2(st[0] - st[2])
-                    for d in T.vectorized(D):
-                        o[d] = o[d] * T.exp2(st[0] - st[2])
-                    st[0] = st[2]
-                    for t in T.serial(n_rows):
-                        s[t] = T.exp2(s[t] - st[0])
-                        st[1] = st[1] + s[t]
-                        for d in T.vectorized(D):
-                            o[d] = o[d] + s[t] * T.Cast("float32", pages[page, 1, hk, t, d])
-                for d in T.vectorized(D):
-                    output[b, h, d] = T.Cast(dtype, o[d] / st[1])
-                lse[b, h] = st[0] + T.log2(st[1])
+                    block(qv, o, s, dot, st, pages, pages, page_table_values[begin + p], h // GROUP,
+                          T.if_then_else(p == n_pages - 1, length_info[b], PS))
+                finish(o, st, output, lse, b, h, dtype)
 
     return batch_decode_paged_kv
 
@@ -348,3 +477,200 @@ def _decode_attention_for(func: tvm.tirx.PrimFunc):
     if not all(isinstance(v, int) for v in (h_qo, d, h_kv, page_size)) or h_qo % h_kv:
         return None
     return decode_attention(h_qo, h_kv, d, str(q.dtype), page_size)
+
+
+def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, block_keys: int = 16):
+    """Causal self-attention of a prefill chunk (the "ragged" part: the chunk's new tokens among
+    themselves; earlier tokens come from the paged kernel and the two are merged by ``lse``).
+
+    Same signature and results as TVM's CPU ``batch_prefill_ragged_kv``, which runs every query
+    against every key, scalar, on one thread.  Here every (query token, head) is a task spread
+    over threads; it reads only the keys the causal mask lets it see, ``block_keys`` at a time,
+    with the block update of :func:`decode_attention`.  RoPE must have been applied before
+    (kiln's models do); ``rotary_mode`` 1 is refused.
+    """
+    H_qo, H_kv, D, KB = num_qo_heads, num_kv_heads, head_dim, block_keys
+    GROUP = H_qo // H_kv
+    VL = _vector_lanes(D)
+    start, block, finish = _attention_state(
+        D, KB, VL, lambda buf, row, hk, t, d: buf[row + t, hk, d], lambda buf, row, hk, t, d: buf[row + t, hk, d])
+
+    @T.prim_func(s_tir=True, private=True)
+    def batch_prefill_ragged_kv(
+        var_q: T.handle,
+        var_q_indptr: T.handle,
+        var_k: T.handle,
+        var_v: T.handle,
+        var_kv_indptr: T.handle,
+        var_q_rope_position: T.handle,
+        var_k_rope_pos_offset: T.handle,
+        var_output: T.handle,
+        var_lse: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_elem_offset = T.int32()
+        kv_indptr_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        k = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_position_elem_offset)  # noqa: F841
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)  # noqa: F841
+        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
+        assert rotary_mode == 0, "kiln's CPU prefill attention expects RoPE applied before attention"
+
+        for task in T.parallel(qo_len * H_qo):
+            with T.sblock("attn"):
+                T.reads(q[0:qo_len, 0:H_qo, 0:D], k[0:kv_len, 0:H_kv, 0:D], v[0:kv_len, 0:H_kv, 0:D],
+                        q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
+                T.writes(output[0:qo_len, 0:H_qo, 0:D], lse[0:qo_len, 0:H_qo])
+                qv = T.sblock_alloc_buffer((D,), "float32")
+                o = T.sblock_alloc_buffer((D,), "float32")
+                s = T.sblock_alloc_buffer((KB,), "float32")
+                dot = T.sblock_alloc_buffer((VL,), "float32")
+                st = T.sblock_alloc_buffer((4,), "float32")
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                row: T.let[T.int32] = task // H_qo
+                h: T.let[T.int32] = task % H_qo
+                seq[0] = 0
+                for bb in T.serial(batch_size):  # the sequence this query token belongs to
+                    if q_indptr[bb + 1] <= row:
+                        seq[0] = bb + 1
+                b: T.let[T.int32] = seq[0]
+                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                n_keys: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.min(k_len - q_len + (row - q_indptr[b]) + 1, k_len), k_len)
+                start(qv, o, st, q, row, h, sm_scale)
+                for kb in T.serial((n_keys + KB - 1) // KB):
+                    block(qv, o, s, dot, st, k, v, kv_indptr[b] + kb * KB, h // GROUP, T.min(KB, n_keys - kb * KB))
+                finish(o, st, output, lse, row, h, dtype)
+
+    return batch_prefill_ragged_kv
+
+
+def _prefill_attention_for(func: tvm.tirx.PrimFunc):
+    """kiln's kernel for TVM's ``batch_prefill_ragged_kv`` CPU kernel, or ``None``."""
+    params = list(func.params)
+    if len(params) != 14:
+        return None
+    q, k = params[0], params[2]
+    try:
+        _, h_qo, d = (int(x) if isinstance(x, tvm.tirx.IntImm) else x for x in q.shape)
+        _, h_kv, d_k = (int(x) if isinstance(x, tvm.tirx.IntImm) else x for x in k.shape)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not all(isinstance(x, int) for x in (h_qo, d, h_kv, d_k)) or h_qo % h_kv or d != d_k:
+        return None
+    return prefill_attention(h_qo, h_kv, d, str(q.dtype))
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+def rope(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, record: dict):
+    """The KV cache's RoPE kernel (split fused q/k/v, rotate q and k by their position).
+
+    Same signature and results as TVM's ``llama_rope_with_position_map`` kernel, whose frequency
+    expression (``cos``, ``sin`` and a ``pow``) is evaluated for every head and lane: on the CPU
+    that is three libm calls per element, the largest cost of attention in a batched decode
+    step.  Here the frequencies of a token are evaluated once per dimension (TVM's own
+    frequency functions, so scaled RoPE variants give the same numbers) and applied to all its
+    heads with vector arithmetic; tokens run in parallel.  ``record`` holds the parameters the
+    kernel was built from (``kiln.rope``, see :func:`kiln.modeling._annotate_rope`).
+    """
+    from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
+
+    scaling = record.get("rope_scaling") or {}
+    if scaling.get("rope_type") in ("gptj", "longrope"):  # other pairings / extra factors: keep TVM's
+        raise ValueError("RoPE variant not supported by the hand-written kernel")
+    R = int(record["rotary_dim"])
+    half = R // 2
+    if R % 2 or R > head_dim:
+        raise ValueError("rotary_dim not supported by the hand-written kernel")
+    freq_func = switch_rope_freq_func(scaling)
+    scale = float(record["scale"])
+    theta = float(record["theta"])
+    H = num_q_heads + 2 * num_kv_heads
+
+    def factor(pos, d, which):
+        """``cos`` (``which`` 0) or ``sin`` (1) of the rotation of dimension ``d`` at ``pos``."""
+        cos_f, sin_f, var_map = freq_func(T.Cast("float32", pos) * T.float32(scale), d, R, theta, "float32")
+        expr = cos_f if which == 0 else sin_f
+        for var, value in var_map.items():
+            expr = tvm.tirx.Let(var, value, expr)
+        return expr
+
+    def rotated(qkv, s, h, d, cs, sn, first_half):
+        x = T.Cast("float32", qkv[s, h, d])
+        if first_half:
+            return T.Cast(dtype, cs[d] * x - sn[d] * T.Cast("float32", qkv[s, h, d + half]))
+        return T.Cast(dtype, cs[d] * x + sn[d] * T.Cast("float32", qkv[s, h, d - half]))
+
+    @T.prim_func(s_tir=True, private=True)
+    def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
+                   var_v: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, H, head_dim), dtype)
+        q = T.match_buffer(var_q, (seq_len, num_q_heads, head_dim), dtype)
+        k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
+        v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        for s in T.parallel(seq_len):
+            with T.sblock("rope"):
+                T.reads(qkv[s, 0:H, 0:head_dim], position_map[s])
+                T.writes(q[s, 0:num_q_heads, 0:head_dim], k[s, 0:num_kv_heads, 0:head_dim], v[s, 0:num_kv_heads, 0:head_dim])
+                cs = T.sblock_alloc_buffer((R,), "float32")
+                sn = T.sblock_alloc_buffer((R,), "float32")
+                for d in T.serial(R):
+                    cs[d] = T.if_then_else(apply_rope > T.int64(0), factor(position_map[s], d, 0), T.float32(1))
+                    sn[d] = T.if_then_else(apply_rope > T.int64(0), factor(position_map[s], d, 1), T.float32(0))
+                for h in T.serial(num_q_heads):
+                    for d in T.vectorized(half):
+                        q[s, h, d] = rotated(qkv, s, h, d, cs, sn, True)
+                    for d in T.vectorized(half):
+                        q[s, h, d + half] = rotated(qkv, s, h, d + half, cs, sn, False)
+                    if head_dim > R:
+                        for d in T.vectorized(head_dim - R):
+                            q[s, h, R + d] = qkv[s, h, R + d]
+                for h in T.serial(num_kv_heads):
+                    for d in T.vectorized(half):
+                        k[s, h, d] = rotated(qkv, s, num_q_heads + h, d, cs, sn, True)
+                    for d in T.vectorized(half):
+                        k[s, h, d + half] = rotated(qkv, s, num_q_heads + h, d + half, cs, sn, False)
+                    if head_dim > R:
+                        for d in T.vectorized(head_dim - R):
+                            k[s, h, R + d] = qkv[s, h + num_q_heads, R + d]
+                    for d in T.vectorized(head_dim):
+                        v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
+
+    return fused_rope
+
+
+def _rope_for(func: tvm.tirx.PrimFunc):
+    """kiln's kernel for TVM's RoPE kernel annotated with ``kiln.rope``, or ``None``."""
+    import json
+
+    record = func.attrs.get("kiln.rope") if func.attrs is not None else None
+    params = list(func.params)
+    if record is None or len(params) != 6:
+        return None
+    qkv, _, q, k = params[:4]
+    try:
+        _, h, d = (int(x) if isinstance(x, tvm.tirx.IntImm) else x for x in qkv.shape)
+        n_q, n_kv = int(q.shape[1]), int(k.shape[1])
+        return rope(n_q, n_kv, int(d), str(qkv.dtype), json.loads(str(record)))
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
