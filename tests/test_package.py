@@ -1,0 +1,44 @@
+"""The core distribution itself: its declared dependencies and what `import kiln` sets up."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# imported by core/ but installed by a declared dependency, or optional (imported where needed)
+PROVIDED_BY = {"starlette": "fastapi", "tvm_ffi": "apache-tvm", "tvm": "apache-tvm", "importlib_metadata": "importlib-metadata"}
+OPTIONAL = {"torch"}  # only for pytorch_model.bin checkpoints, with a clear error when missing
+
+
+def _declared() -> set[str]:
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+
+
+def test_every_third_party_module_the_core_imports_is_a_declared_dependency():
+    imported: dict[str, str] = {}
+    for path in (ROOT / "core").rglob("*.py"):
+        if "testing" in path.relative_to(ROOT / "core").parts:  # the pytest plugin: the [test] extra
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "kiln" and top not in OPTIONAL:
+                    imported.setdefault(top, str(path.relative_to(ROOT)))
+    declared = _declared()
+    missing = {m: where for m, where in imported.items() if PROVIDED_BY.get(m, m).lower() not in declared}
+    assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
