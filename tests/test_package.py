@@ -42,3 +42,18 @@ def test_every_third_party_module_the_core_imports_is_a_declared_dependency():
     declared = _declared()
     missing = {m: where for m, where in imported.items() if PROVIDED_BY.get(m, m).lower() not in declared}
     assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
+
+
+def _kiln_threads(env: dict, cpus: set[int] | None = None) -> str:
+    code = "import os, kiln; print(os.environ['TVM_NUM_THREADS'])"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    return res.stdout.strip()
+
+
+def test_import_kiln_sets_tvm_threads_to_the_cores_unless_the_user_did():
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    assert _kiln_threads(env) == str(len(os.sched_getaffinity(0)))
+    one = {min(os.sched_getaffinity(0))}
+    assert _kiln_threads(env, one) == "1"  # the cores this process may run on, not the machine's
+    assert _kiln_threads({**env, "TVM_NUM_THREADS": "3"}) == "3"
