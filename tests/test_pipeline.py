@@ -342,6 +342,18 @@ def test_compile_rejects_unknown_device_and_options(config_dir, tmp_path, capsys
     assert not (tmp_path / "x.so").exists()
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ("hidden_size=128", "compile --overrides cannot change 'hidden_size'; allowed keys: context_window_size, "
+                        "prefill_chunk_size, max_batch_size, sliding_window_size (other fields come from `kiln gen_config`)"),
+    ("context_window=64", "cannot change 'context_window' (did you mean 'context_window_size'?); allowed keys: "),
+])
+def test_compile_overrides_are_limited_to_the_size_fields(config_dir, tmp_path, capsys, overrides, message):
+    code, _, err = kiln(capsys, "compile", config_dir, "--device", "cpu", "-o", tmp_path / "x.so", "--overrides", overrides)
+    assert (code, err.count("\n")) == (2, 1), err
+    assert message in err
+    assert not (tmp_path / "x.so").exists()
+
+
 def test_compile_refuses_a_sliding_window_the_architecture_does_not_implement(config_dir, tmp_path, capsys):
     code, _, err = kiln(capsys, "compile", config_dir, "--device", "cpu", "-o", tmp_path / "x.so",
                         "--overrides", "sliding_window_size=32")

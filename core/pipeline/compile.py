@@ -46,6 +46,18 @@ def parse_opts(text: str | None, backend) -> dict[str, Any]:
     return opts
 
 
+def parse_size_overrides(text: str | None) -> dict[str, Any]:
+    """``compile --overrides``: only the fields that size the compiled model, never its shape."""
+    overrides = parse_overrides(text)
+    for key in overrides:
+        if key not in SIZE_FIELDS:
+            raise UsageError(
+                f"compile --overrides cannot change '{key}'{did_you_mean(key, SIZE_FIELDS)}; allowed keys: "
+                f"{', '.join(SIZE_FIELDS)} (other fields come from `kiln gen_config`)"
+            )
+    return overrides
+
+
 def make_target(backend, opts: Mapping[str, Any]):
     import tvm
 
@@ -83,7 +95,7 @@ def compile_model(
     quant = registry.quantization(chat_config["quantization"])
     model_config = arch.config_class.from_dict(chat_config["model_config"])
     sizes = {k: chat_config[k] for k in SIZE_FIELDS if chat_config.get(k) is not None}
-    sizes.update(parse_overrides(overrides))
+    sizes.update(parse_size_overrides(overrides))
     apply_overrides(model_config, sizes)
     check_supported(arch, model_config)
     output = Path(output).expanduser()
