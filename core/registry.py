@@ -2,7 +2,9 @@
 
 ``get_registry()`` builds the registry once per process; ``Registry.build(pm, infos)`` does it
 for an explicit plugin manager (tests).  Each ``register_*`` hook implementation is called on
-its own, so a plugin whose hook raises is marked failed without hiding the others' answers.
+its own, so a plugin whose hook raises is marked failed without hiding the others' answers.  A
+name registered by two plugins marks the later one failed too, so ``kiln plugins`` can show it,
+and makes every lookup raise the error naming both.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class Registry:
         self.plugins = infos
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for _, kind, _ in KINDS}
         self.aliases: dict[str, str] = {}
+        # names two plugins registered: `kiln plugins` still lists them, every lookup refuses
+        self.conflicts: list[str] = []
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -84,8 +88,9 @@ class Registry:
                         if not isinstance(spec, spec_type):
                             raise TypeError(f"{hook_name} returned {type(spec).__name__}, expected {spec_type.__name__}")
                         reg._add(kind, spec, plugin)
-                except PluginError:
-                    raise
+                except PluginError as exc:  # a name registered twice: the later plugin is left out ...
+                    reg._fail(plugin, str(exc))
+                    reg.conflicts.append(str(exc))  # ... and every lookup reports it (see _check)
                 except Exception as exc:  # noqa: BLE001 - isolate a broken plugin
                     reg._fail(plugin, f"{hook_name} raised {type(exc).__name__}: {exc}")
         return reg
@@ -116,10 +121,17 @@ class Registry:
         info.registered.setdefault(kind, []).append(spec.name)
 
     # ------------------------------------------------------------------ lookups
+    def _check(self) -> None:
+        """Refuse to answer while two plugins claim the same name: which one wins would be a guess."""
+        if self.conflicts:
+            raise PluginError(self.conflicts[0])
+
     def names(self, kind: str) -> list[str]:
+        self._check()
         return sorted(self.entries[kind])
 
     def _get(self, kind: str, name: str, hint: str = ""):
+        self._check()
         entry = self.entries[kind].get(name)
         if entry is None and kind == "backends" and name in self.aliases:
             entry = self.entries[kind][self.aliases[name]]
@@ -153,6 +165,7 @@ class Registry:
         return f"; plugin(s) that failed to load: {', '.join(failed)} (see `kiln plugins`)" if failed else ""
 
     def architecture(self, name: str) -> ArchitectureSpec:
+        self._check()
         if name not in self.entries["architectures"]:
             package = KNOWN_ARCHITECTURE_PACKAGES.get(name, f"kiln-{name}")
             reason = self.unavailable_reason(f"architecture '{name}'", package)
@@ -170,6 +183,7 @@ class Registry:
         return self._get("quantizations", name)
 
     def backend(self, name: str) -> BackendSpec:
+        self._check()
         if name not in self.entries["backends"] and name not in self.aliases:
             package = KNOWN_BACKEND_PACKAGES.get(name, f"kiln-{name}")
             reason = self.unavailable_reason(f"device '{name}'", package)
@@ -194,16 +208,20 @@ class Registry:
         return self._get("model_sources", name)
 
     def model_sources(self) -> list[ModelSourceSpec]:
+        self._check()
         return sorted((e.spec for e in self.entries["model_sources"].values()), key=lambda s: -s.priority)
 
     def backends(self) -> list[BackendSpec]:
+        self._check()
         return sorted((e.spec for e in self.entries["backends"].values()), key=lambda s: -s.priority)
 
     def owner(self, kind: str, name: str) -> str:
+        self._check()
         return self.entries[kind][name].plugin
 
     def resolve_architecture(self, hf_config: Mapping[str, Any]) -> ArchitectureSpec:
         """The architecture serving a Hugging Face ``config.json``."""
+        self._check()
         archs = list(hf_config.get("architectures") or [])
         model_type = hf_config.get("model_type")
         for entry in self.entries["architectures"].values():

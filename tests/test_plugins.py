@@ -115,12 +115,21 @@ def test_duplicate_registrations_are_an_error_naming_both_plugins(tmp_path):
         def register_quantizations():
             return [QuantizationSpec("q4f16_1", NoQuant("float16"))]
     """)
+    message = ("quantization 'q4f16_1' is registered twice: by plugin 'kiln.quantization' and by plugin 'kiln_dup'; "
+               "uninstall one of them or block one with KILN_DISABLE_PLUGINS=kiln_dup")
+    # the listing still works and shows the conflict on the later plugin, which is left out
+    plugins = listing(tmp_path)
+    assert plugins["kiln_dup"]["status"] == "failed" and plugins["kiln_dup"]["error"] == message
+    assert plugins["kiln_dup"]["registered"] == {} and plugins["llama"]["status"] == "loaded"
     res = kiln(tmp_path, "plugins")
-    assert res.returncode == 1
-    assert res.stderr.strip() == (
-        "error: quantization 'q4f16_1' is registered twice: by plugin 'kiln.quantization' and by plugin 'kiln_dup'; "
-        "uninstall one of them or block one with KILN_DISABLE_PLUGINS=kiln_dup"
-    )
+    assert res.returncode == 0 and "kiln_dup  [failed]" in res.stdout and f"error: {message}" in res.stdout
+    res = kiln(tmp_path, "--version")
+    assert res.returncode == 0 and res.stdout.startswith("kiln ")
+    # a command that uses the registry refuses to guess which plugin wins
+    res = kiln(tmp_path, "gen_config", str(tmp_path / "nope"), "-q", "q0f32", "-o", str(tmp_path / "o"))
+    assert res.returncode == 1 and res.stderr.strip() == f"error: {message}"
+    res = kiln(tmp_path, "compile", str(tmp_path / "nope"), "--device", "cpu", "-o", str(tmp_path / "x.so"))
+    assert res.returncode == 1 and res.stderr.strip() == f"error: {message}"
     # blocking one of them resolves it
     plugins = listing(tmp_path, env={"KILN_DISABLE_PLUGINS": "kiln_dup"})
     assert plugins["kiln_dup"]["status"] == "disabled"
