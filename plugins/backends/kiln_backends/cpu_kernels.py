@@ -39,7 +39,7 @@ log = logging.getLogger("kiln")
 
 ROWS_PER_TASK = 4  # weight rows per parallel task
 PAIR = 2  # weight rows computed side by side for a lone activation row
-BATCH_TILE = 4  # activation rows sharing one unpacking of a word block
+BATCH_TILE = 8  # activation rows sharing one unpacking of a word block (a power of two >= 4)
 CHUNK_ROWS = 64  # activation rows re-laid out (and kept in cache) at a time
 PARALLEL_RELAYOUT = 8  # chunks of at least this many rows are re-laid out by all threads
 PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
@@ -88,46 +88,38 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         return T.Shuffle([v] * WG, [lane // WG for lane in range(nl)])
 
     def make_block(nl, n_batch, n_rows_side):
-        """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``."""
-        if n_batch == 1:  # a lone activation row: weight rows side by side, two chains each
-            @T.macro
-            def block(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, w0, b0):
-                for rb in T.unroll(n_rows_side):
-                    sv[rb, T.Ramp(0, 1, nl)] = spread(qs, n + rb, w0 // WG, nl)
-                    if has_min:
-                        mv[rb, T.Ramp(0, 1, nl)] = spread(qm, n + rb, w0 // WG, nl)
-                    else:
+        """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``.
+
+        Every output takes the same arithmetic in the same order whatever tile computes it
+        (two partial sums over the codes, even and odd, then scale and minimum), so a row's
+        result does not depend on how many rows are batched with it."""
+
+        def code_at(qw, cb, n, w, l, j):  # a tile unpacked the block once; a lone row unpacks here
+            return cb[j, l] if n_batch > 1 else code(qw, n, w + l, j)
+
+        @T.macro
+        def block(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, w0, b0):
+            for rb in T.unroll(n_rows_side):
+                if n_batch > 1:
+                    for j in T.unroll(P):
                         for l in T.vectorized(nl):
-                            mv[rb, l] = sv[rb, l] * T.float32(-OFF)
+                            cb[j, l] = code(qw, n + rb, w0 + l, j)
+                sv[rb, T.Ramp(0, 1, nl)] = spread(qs, n + rb, w0 // WG, nl)
+                if has_min:
+                    mv[rb, T.Ramp(0, 1, nl)] = spread(qm, n + rb, w0 // WG, nl)
+                else:
+                    for l in T.vectorized(nl):
+                        mv[rb, l] = sv[rb, l] * T.float32(-OFF)
+                for bb in T.unroll(n_batch):
                     for h in T.unroll(2):
                         for l in T.vectorized(nl):
-                            tmp[rb * 2 + h, l] = code(qw, n + rb, w0 + l, h) * xp[b0, h, w0 + l]
+                            tmp[rb * 2 + h, l] = code_at(qw, cb, n + rb, w0, l, h) * xp[b0 + bb, h, w0 + l]
                     for j in T.unroll(P // 2 - 1):
                         for h in T.unroll(2):
                             for l in T.vectorized(nl):
-                                tmp[rb * 2 + h, l] = tmp[rb * 2 + h, l] + code(qw, n + rb, w0 + l, 2 * j + 2 + h) * xp[b0, 2 * j + 2 + h, w0 + l]
+                                tmp[rb * 2 + h, l] = tmp[rb * 2 + h, l] + code_at(qw, cb, n + rb, w0, l, 2 * j + 2 + h) * xp[b0 + bb, 2 * j + 2 + h, w0 + l]
                     for l in T.vectorized(nl):
-                        acc[rb, l] = acc[rb, l] + (tmp[rb * 2, l] + tmp[rb * 2 + 1, l]) * sv[rb, l] + mv[rb, l] * xw[b0, w0 + l]
-        else:  # a tile of activation rows: one weight row, its codes unpacked once
-            @T.macro
-            def block(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, w0, b0):
-                for j in T.unroll(P):
-                    for l in T.vectorized(nl):
-                        cb[j, l] = code(qw, n, w0 + l, j)
-                sv[0, T.Ramp(0, 1, nl)] = spread(qs, n, w0 // WG, nl)
-                if has_min:
-                    mv[0, T.Ramp(0, 1, nl)] = spread(qm, n, w0 // WG, nl)
-                else:
-                    for l in T.vectorized(nl):
-                        mv[0, l] = sv[0, l] * T.float32(-OFF)
-                for bb in T.unroll(n_batch):
-                    for l in T.vectorized(nl):
-                        tmp[0, l] = cb[0, l] * xp[b0 + bb, 0, w0 + l]
-                    for j in T.unroll(P - 1):
-                        for l in T.vectorized(nl):
-                            tmp[0, l] = tmp[0, l] + cb[j + 1, l] * xp[b0 + bb, j + 1, w0 + l]
-                    for l in T.vectorized(nl):
-                        acc[bb, l] = acc[bb, l] + tmp[0, l] * sv[0, l] + mv[0, l] * xw[b0 + bb, w0 + l]
+                        acc[rb * n_batch + bb, l] = acc[rb * n_batch + bb, l] + (tmp[rb * 2, l] + tmp[rb * 2 + 1, l]) * sv[rb, l] + mv[rb, l] * xw[b0 + bb, w0 + l]
         return block
 
     def make_tile(n_batch, n_rows_side):
@@ -135,7 +127,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         ``n_rows_side`` weight rows from ``n``."""
         full = make_block(L, n_batch, n_rows_side)
         tail = make_block(TAIL, n_batch, n_rows_side) if TAIL else None
-        NA = max(n_batch, n_rows_side)  # one accumulator per output
+        NA = n_batch * n_rows_side  # one accumulator per output
 
         @T.macro
         def tile(qw, qs, qm, y, xp, xw, n, b0, yb0):
@@ -167,7 +159,8 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                         y[0, yb0 + a % n_batch, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
         return tile
 
-    tile_batch = make_tile(BT, 1)
+    tile_big = make_tile(BT, 1)
+    tile_four = make_tile(4, 1)
     tile_two = make_tile(2, 1)
     tile_lone = make_tile(1, RB)
 
@@ -196,12 +189,16 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                     for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
                         T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
                             qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
+                    # tiles of BT rows, then one of 4 and one of 2 for the rest, then a lone row
                     for bt in T.serial(nb // BT):
                         for r in T.serial(RT):
-                            tile_batch(qw, qs, qm, y, xp, xw, no * RT + r, bt * BT, mc * MC + bt * BT)
-                    if nb % BT >= 2:
+                            tile_big(qw, qs, qm, y, xp, xw, no * RT + r, bt * BT, mc * MC + bt * BT)
+                    if nb % BT >= 4:
                         for r in T.serial(RT):
-                            tile_two(qw, qs, qm, y, xp, xw, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
+                            tile_four(qw, qs, qm, y, xp, xw, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
+                    if nb % 4 >= 2:
+                        for r in T.serial(RT):
+                            tile_two(qw, qs, qm, y, xp, xw, no * RT + r, nb // 4 * 4, mc * MC + nb // 4 * 4)
                     if nb % 2 == 1:
                         for r in T.serial(RT // RB):
                             tile_lone(qw, qs, qm, y, xp, xw, no * RT + r * RB, nb - 1, mc * MC + nb - 1)

@@ -1,0 +1,268 @@
+"""The CPU backend's kernels and schedule rules, each against numpy or the unscheduled TVM kernel.
+
+Shapes are chosen to hit every path: decode (activations ``[B, 1, K]``) and prefill
+(``[1, B, K]``), batch sizes that are not multiples of the tiles (8, 4, 2, lone rows), more rows
+than one re-layout chunk (64), weight rows whose word count is not a multiple of the vector
+width (a vector tail), 4-bit asymmetric and symmetric and 8-bit weights, pages that are only
+partly filled, grouped-query heads, several sequences in one prefill, and scaled RoPE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+import kiln  # noqa: F401 - sets TVM's thread count
+from kiln.modeling import dense
+from kiln.quantization import GroupQuant
+from kiln.quantization.layers import q_dense
+from kiln_backends import cpu_kernels as ck
+from kiln_backends.cpu import host_target
+from kiln_backends.cpu_schedules import schedule_pass, vector_bits
+
+TARGET = tvm.target.Target(host_target({}))
+LANES = max(vector_bits(TARGET) // 32, 4)
+
+
+def build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)["main"]
+
+
+def run(fn, inputs, out_shapes, *scalars):
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
+    outs = [tvm.runtime.empty(shape, dtype) for shape, dtype in out_shapes]
+    fn(*args, *outs, *scalars)
+    return [o.numpy() for o in outs]
+
+
+# ------------------------------------------------------------------------ quantized projections
+def random_weights(rng, n, k, bits, has_min):
+    per_word = 32 // bits
+    qw = rng.integers(0, 2**32, (n, k // per_word), dtype=np.uint64).astype(np.uint32)
+    qs = (rng.random((n, k // 32)) * 0.02 + 0.001).astype("float16")
+    qm = (-rng.random((n, k // 32)) * 0.1).astype("float16") if has_min else None
+    return qw, qs, qm
+
+
+def dequantize(qw, qs, qm, bits):
+    per_word = 32 // bits
+    shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(bits)
+    codes = ((qw[..., None] >> shifts) & np.uint32((1 << bits) - 1)).reshape(qw.shape[0], -1).astype(np.float64)
+    scale = np.repeat(qs.astype(np.float64), 32, axis=-1)
+    offset = np.repeat(qm.astype(np.float64), 32, axis=-1) if qm is not None else -((1 << (bits - 1)) - 1) * scale
+    return codes * scale + offset
+
+
+GEMV_CASES = [  # (N, K, bits, asymmetric)
+    (64, 576, 4, True),  # 72 words per row: 4 blocks of 16 and a tail of 8
+    (32, 1536, 4, True),
+    (48, 96, 4, False),  # fewer words than one vector: the tail alone
+    (40, 576, 8, False),  # llama.cpp's Q8_0 grid, as kiln stores embeddings
+]
+
+
+@pytest.mark.parametrize("n,k,bits,asym", GEMV_CASES)
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill):
+    rng = np.random.default_rng(n + k + bits)
+    qw, qs, qm = random_weights(rng, n, k, bits, asym)
+    weight = dequantize(qw, qs, qm, bits)
+    fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", LANES, batch_first=not prefill))
+    for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 8, 4, 2, lone rows; two re-layout chunks
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        shape = (1, rows, k) if prefill else (rows, 1, k)
+        out_shape = (1, rows, n) if prefill else (rows, 1, n)
+        weights = [qw, qs] + ([qm] if asym else [])
+        (y,) = run(fn, [x.reshape(shape), *weights], [(out_shape, "float32")])
+        ref = x.astype(np.float64) @ weight.T
+        np.testing.assert_allclose(y.reshape(rows, n), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_quantized_projection_does_not_depend_on_the_batch():
+    """A row's result is bit for bit the same alone and in any batch: batching must not change
+    what a request generates."""
+    rng = np.random.default_rng(1)
+    n, k = 64, 576
+    qw, qs, qm = random_weights(rng, n, k, 4, True)
+    fn = build(ck.quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", LANES, batch_first=False))
+    x = rng.standard_normal((1, 75, k)).astype(np.float32)
+    (whole,) = run(fn, [x, qw, qs, qm], [((1, 75, n), "float32")])
+    for rows in (1, 2, 3, 5, 8, 13):
+        parts = [run(fn, [x[:, i:i + rows], qw, qs, qm], [((1, min(rows, 75 - i), n), "float32")])[0]
+                 for i in range(0, 75, rows)]
+        assert np.array_equal(np.concatenate(parts, axis=1), whole), f"batches of {rows} differ"
+
+
+def test_quantized_projection_equals_the_unscheduled_kernel():
+    """Against kiln's own TE definition of the layer, compiled without schedules."""
+    rng = np.random.default_rng(2)
+    n, k, rows = 96, 576, 5
+    scheme = GroupQuant(model_dtype="float32", scale_dtype="float16", symmetric=False)
+    q = scheme.quantize_weight((rng.standard_normal((n, k)) * 0.05).astype(np.float32), "w.weight")
+    qw, qs, qm = q["w.q_weight"], q["w.q_scale"], q["w.q_min"]
+    x = rng.standard_normal((rows, 1, k)).astype(np.float32)
+    X = te.placeholder((rows, 1, k), "float32")
+    QW, QS, QM = (te.placeholder(a.shape, str(a.dtype)) for a in (qw, qs, qm))
+    plain = tvm.compile(te.create_prim_func([X, QW, QS, QM, q_dense(X, QW, QS, QM, bits=4, group_size=32)]), TARGET)
+    (ref,) = run(plain["main"], [x, qw, qs, qm], [((rows, 1, n), "float32")])
+    fn = build(ck.quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", LANES, batch_first=True))
+    (y,) = run(fn, [x, qw, qs, qm], [((rows, 1, n), "float32")])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_shapes_the_hand_kernel_does_not_take_are_left_to_the_schedule_rules():
+    """Rows not a multiple of the task size: no replacement, and the rule-scheduled kernel is right."""
+    rng = np.random.default_rng(3)
+    n, k = 6, 64
+    X = te.placeholder((1, 1, k), "float32")
+    qw, qs, _ = random_weights(rng, n, k, 4, False)
+    QW, QS = te.placeholder(qw.shape, "uint32"), te.placeholder(qs.shape, "float16")
+    func = te.create_prim_func([X, QW, QS, q_dense(X, QW, QS, bits=4, group_size=32)])
+    assert ck._gemv_for(func, LANES) is None
+    mod = tvm.IRModule({"main": func})
+    with TARGET:
+        mod = schedule_pass(TARGET)(mod)
+    assert "tirx.is_scheduled" in mod["main"].attrs
+    x = rng.standard_normal((1, 1, k)).astype(np.float32)
+    (y,) = run(tvm.compile(mod, TARGET)["main"], [x, qw, qs], [((1, 1, n), "float32")])
+    np.testing.assert_allclose(y[0, 0], x[0, 0] @ dequantize(qw, qs, None, 4).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 64), (7, 33, 100), (16, 64, 128)])
+def test_float_matmul_rule_matches_numpy(m, n, k):
+    """The schedule rule for float projections (q0f32), including extents that do not divide
+    the vector width or the rows per task."""
+    rng = np.random.default_rng(m * n)
+    X, Wt = te.placeholder((m, 1, k), "float32"), te.placeholder((n, k), "float32")
+    mod = tvm.IRModule({"main": te.create_prim_func([X, Wt, dense(X, Wt)])})
+    with TARGET:
+        mod = schedule_pass(TARGET)(mod)
+    x, w = rng.standard_normal((m, 1, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    (y,) = run(tvm.compile(mod, TARGET)["main"], [x, w], [((m, 1, n), "float32")])
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 576), (5, 37)])
+def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
+    """RMSNorm (reduction rule) and a fused split + SiLU + multiply (injective rule)."""
+    rng = np.random.default_rng(4)
+    rows, dim = shape
+    A = te.placeholder((rows, 2 * dim), "float32")
+    G = te.placeholder((dim,), "float32")
+    silu = te.compute((rows, dim), lambda i, j: A[i, j] / (1 + te.exp(-A[i, j])) * A[i, dim + j], name="silu_mul")
+    k = te.reduce_axis((0, dim), name="k")
+    sq = te.compute((rows,), lambda i: te.sum(A[i, k] * A[i, k], axis=k), name="sq")
+    norm = te.compute((rows, dim), lambda i, j: A[i, j] * te.rsqrt(sq[i] / dim + 1e-5) * G[j], name="norm")
+    a = rng.standard_normal((rows, 2 * dim)).astype(np.float32)
+    g = rng.standard_normal(dim).astype(np.float32)
+    for outs, inputs in (([A, silu], [a]), ([A, G, norm], [a, g])):
+        plain = tvm.IRModule({"main": te.create_prim_func(outs)})
+        mod = plain
+        with TARGET:
+            mod = schedule_pass(TARGET)(mod)
+        assert "tirx.is_scheduled" in mod["main"].attrs
+        (ref,) = run(tvm.compile(plain, TARGET)["main"], inputs, [((rows, dim), "float32")])
+        (y,) = run(tvm.compile(mod, TARGET)["main"], inputs, [((rows, dim), "float32")])
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ attention
+def test_fast_exp2_is_accurate():
+    x = np.concatenate([np.linspace(-125, 126, 20001), np.linspace(-1, 1, 2001)]).astype(np.float32)
+    X = te.placeholder(x.shape, "float32")
+    fn = tvm.compile(te.create_prim_func([X, te.compute(x.shape, lambda i: ck.fast_exp2(X[i]))]), TARGET)["main"]
+    (y,) = run(fn, [x], [(x.shape, "float32")])
+    np.testing.assert_allclose(y, np.exp2(x.astype(np.float64)), rtol=3e-7)
+
+
+def attention_reference(q, keys, values, causal_offset=None):
+    """Softmax attention of each query row over ``keys``/``values`` [n, heads_kv, d] in float64;
+    returns the output and TVM's log2-sum-exp."""
+    heads, d = q.shape[1], q.shape[2]
+    group = heads // keys.shape[1]
+    out = np.zeros(q.shape)
+    lse = np.zeros(q.shape[:2])
+    for i in range(q.shape[0]):
+        n = keys.shape[0] if causal_offset is None else causal_offset + i + 1
+        for h in range(heads):
+            s = keys[:n, h // group].astype(np.float64) @ q[i, h] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            out[i, h] = p @ values[:n, h // group] / p.sum()
+            lse[i, h] = (np.log(p.sum()) + s.max()) / np.log(2)
+    return out, lse
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (6, 2, 24)])
+def test_decode_attention_matches_numpy(heads, kv_heads, dim):
+    rng = np.random.default_rng(heads * dim)
+    page = 16
+    lengths = [1, 16, 37, 100]  # one token, a full page, partly filled last pages
+    fn = build(ck.decode_attention(heads, kv_heads, dim, "float32", page))
+    n_pages = [-(-n // page) for n in lengths]
+    pages = rng.standard_normal((sum(n_pages) + 2, 2, kv_heads, page, dim)).astype(np.float32)
+    order = rng.permutation(sum(n_pages)).astype(np.int32)  # pages scattered through the pool
+    indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
+    last = np.array([n - (p - 1) * page for n, p in zip(lengths, n_pages)], np.int32)
+    q = rng.standard_normal((len(lengths), heads, dim)).astype(np.float32)
+    zeros = np.zeros(len(lengths), np.int32)
+    out, lse = run(fn, [q, pages, indptr, order, last, zeros, zeros],
+                   [((len(lengths), heads, dim), "float32"), ((len(lengths), heads), "float32")],
+                   0, 1.0, 1e4, dim**-0.5)
+    for b, n in enumerate(lengths):
+        mine = order[indptr[b]:indptr[b + 1]]
+        keys = pages[mine, 0].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n].transpose(1, 0, 2)
+        values = pages[mine, 1].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n].transpose(1, 0, 2)
+        ref, ref_lse = attention_reference(q[b:b + 1], keys, values)
+        np.testing.assert_allclose(out[b], ref[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse[b], ref_lse[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32)])
+def test_prefill_attention_matches_numpy(heads, kv_heads, dim):
+    rng = np.random.default_rng(heads + dim)
+    q_lens, kv_lens = [5, 1, 40], [5, 3, 57]  # causal rows see the keys before them plus the earlier ones
+    fn = build(ck.prefill_attention(heads, kv_heads, dim, "float32"))
+    q = rng.standard_normal((sum(q_lens), heads, dim)).astype(np.float32)
+    k = rng.standard_normal((sum(kv_lens), kv_heads, dim)).astype(np.float32)
+    v = rng.standard_normal((sum(kv_lens), kv_heads, dim)).astype(np.float32)
+    q_ptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    kv_ptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    zeros_q, zeros_b = np.zeros(sum(q_lens), np.int32), np.zeros(len(q_lens), np.int32)
+    for causal in (1, 0):
+        out, lse = run(fn, [q, q_ptr, k, v, kv_ptr, zeros_q, zeros_b],
+                       [((sum(q_lens), heads, dim), "float32"), ((sum(q_lens), heads), "float32")],
+                       causal, 0, 1.0, 1e4, dim**-0.5)
+        for b, (nq, nk) in enumerate(zip(q_lens, kv_lens)):
+            rows = slice(q_ptr[b], q_ptr[b + 1])
+            keys, values = k[kv_ptr[b]:kv_ptr[b + 1]], v[kv_ptr[b]:kv_ptr[b + 1]]
+            ref, ref_lse = attention_reference(q[rows], keys, values, nk - nq if causal else None)
+            np.testing.assert_allclose(out[rows], ref, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(lse[rows], ref_lse, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ RoPE
+@pytest.mark.parametrize("theta,scale,scaling", [
+    (10000.0, 1.0, {}),
+    (100000.0, 0.25, {}),  # linear scaling (positions scaled)
+    (500000.0, 1.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}),
+])
+def test_rope_equals_tvms_kernel(theta, scale, scaling):
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    heads, kv_heads, dim = 6, 2, 64
+    record = {"theta": theta, "scale": scale, "rope_scaling": scaling, "rotary_dim": dim}
+    mine = build(ck.rope(heads, kv_heads, dim, "float32", record))
+    theirs = build(llama_rope_with_position_map(theta, scale, dim, heads, kv_heads, "float32", scaling))
+    rng = np.random.default_rng(5)
+    tokens = 11
+    qkv = rng.standard_normal((tokens, heads + 2 * kv_heads, dim)).astype(np.float32)
+    positions = np.array([0, 1, 2, 17, 100, 1000, 4095, 5, 6, 8000, 3], np.int32)
+    shapes = [((tokens, heads, dim), "float32"), ((tokens, kv_heads, dim), "float32"), ((tokens, kv_heads, dim), "float32")]
+    for apply in (1, 0):
+        ours = run(mine, [qkv, positions], shapes, apply)
+        ref = run(theirs, [qkv, positions], shapes, apply)
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
