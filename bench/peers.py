@@ -394,8 +394,10 @@ def report(res) -> str:
         width = max(len(b["name"]) for b in bw["buffers"])
         for buf in bw["buffers"]:
             reach = f"; kiln decode reaches {100 * buf['kiln_fraction']:.0f}%" if buf.get("kiln_fraction") else ""
+            busy = buf.get("others_cpu") or 0
+            note = f"  (unreliable: other processes used {100 * busy:.0f}% CPU)" if busy > DISTURBED else ""
             lines.append(f"  {buf['name']:{width}s}  {buf['gb_s']:5.1f} GB/s ({buf['median_gb_s']:.1f}, "
-                         f"{buf['passes']} passes) -> bound {buf['bound_tok_s']:.0f} tok/s{reach}")
+                         f"{buf['passes']} passes) -> bound {buf['bound_tok_s']:.0f} tok/s{reach}{note}")
     return "\n".join(lines)
 
 
@@ -539,11 +541,13 @@ def main(argv=None):
                                        args.bandwidth_passes),
                                       (f"{DRAM_BUFFER >> 30} GiB buffer (DRAM)", DRAM_BUFFER,
                                        max(3, args.bandwidth_passes // 4))):
+            before = cpu_snapshot()
             best, median = read_bandwidth(nbytes, target, passes)
             bound = best / per_token
             buffers.append({"name": label, "bytes": nbytes, "passes": passes, "gb_s": best / 1e9,
                             "median_gb_s": median / 1e9, "bound_tok_s": bound,
-                            "kiln_fraction": kiln_decode / bound if kiln_decode else None})
+                            "kiln_fraction": kiln_decode / bound if kiln_decode else None,
+                            "others_cpu": others_cpu_share(before, cpu_snapshot())})
         res["bandwidth"] = {"bytes_per_token": per_token, "buffers": buffers,
                             "last_level_cache_bytes": llc}
     kiln.close()
