@@ -318,9 +318,11 @@ def fast_exp2(x):
     return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", i) + 127, 23))
 
 
-def _attention_state(D: int, KB: int, VL: int, key_at, value_at):
-    """Macros for one (query, head) of attention over blocks of ``KB`` keys, online softmax in
-    base 2 (TVM's convention: scores carry ``log2 e``, ``lse`` is a log2-sum-exp).
+def _attention_state(D: int, KB: int, VL: int, G: int, key_at, value_at):
+    """Macros for the ``G`` query heads that share one key/value head (grouped-query attention),
+    for one query token, over blocks of ``KB`` keys: online softmax in base 2 (TVM's convention:
+    scores carry ``log2 e``, ``lse`` is a log2-sum-exp).  Each key and value is read once for the
+    whole group: attention over a long cache is bound by these reads.
 
     ``key_at(kbuf, base, hk, t, d)`` and ``value_at(vbuf, base, hk, t, d)`` load key/value ``t`` of
     the block at ``base`` (a page, or a first row).
@@ -328,55 +330,61 @@ def _attention_state(D: int, KB: int, VL: int, key_at, value_at):
     NCH = D // VL
 
     @T.macro
-    def start(qv, o, st, Qbuf, qrow, h, sm_scale):
-        for d in T.vectorized(D):
-            qv[d] = T.Cast("float32", Qbuf[qrow, h, d]) * (sm_scale * T.float32(LOG2E))
-            o[d] = T.float32(0)
-        st[0] = T.float32(-5e4)  # running max
-        st[1] = T.float32(0)  # running denominator
+    def start(qv, o, st, Qbuf, qrow, hk, sm_scale):
+        for g in T.serial(G):
+            for d in T.vectorized(D):
+                qv[g, d] = T.Cast("float32", Qbuf[qrow, hk * G + g, d]) * (sm_scale * T.float32(LOG2E))
+                o[g, d] = T.float32(0)
+            st[g, 0] = T.float32(-5e4)  # running max
+            st[g, 1] = T.float32(0)  # running denominator
 
     @T.macro
     def block(qv, o, s, dot, st, kbuf, vbuf, base, hk, n_rows):
-        st[3] = T.float32(-5e4)  # block max
+        for g in T.serial(G):
+            st[g, 3] = T.float32(-5e4)  # block max
         for t in T.serial(KB):
             if t < n_rows:
-                for l in T.vectorized(VL):
-                    dot[l] = qv[l] * T.Cast("float32", key_at(kbuf, base, hk, t, l))
-                for c in T.serial(NCH - 1):
+                for g in T.unroll(G):
                     for l in T.vectorized(VL):
-                        dot[l] = dot[l] + qv[(c + 1) * VL + l] * T.Cast("float32", key_at(kbuf, base, hk, t, (c + 1) * VL + l))
-                if VL >= 16:
-                    for l in T.vectorized(8):
-                        dot[l] = dot[l] + dot[l + 8]
-                if VL >= 8:
-                    for l in T.vectorized(4):
-                        dot[l] = dot[l] + dot[l + 4]
-                if VL >= 4:
-                    for l in T.vectorized(2):
-                        dot[l] = dot[l] + dot[l + 2]
-                if VL >= 2:
-                    s[t] = dot[0] + dot[1]
-                else:
-                    s[t] = dot[0]
-                st[3] = T.max(st[3], s[t])
-        st[2] = T.max(st[0], st[3])
-        st[1] = st[1] * fast_exp2(st[0] - st[2])
-        for d in T.vectorized(D):
-            o[d] = o[d] * fast_exp2(st[0] - st[2])
-        st[0] = st[2]
-        for t in T.vectorized(KB):
-            s[t] = T.Select(t < n_rows, fast_exp2(s[t] - st[0]), T.float32(0))
-        for t in T.serial(KB):
-            st[1] = st[1] + s[t]
-        for t in T.serial(n_rows):
+                        dot[l] = qv[g, l] * T.Cast("float32", key_at(kbuf, base, hk, t, l))
+                    for c in T.serial(NCH - 1):
+                        for l in T.vectorized(VL):
+                            dot[l] = dot[l] + qv[g, (c + 1) * VL + l] * T.Cast("float32", key_at(kbuf, base, hk, t, (c + 1) * VL + l))
+                    if VL >= 16:
+                        for l in T.vectorized(8):
+                            dot[l] = dot[l] + dot[l + 8]
+                    if VL >= 8:
+                        for l in T.vectorized(4):
+                            dot[l] = dot[l] + dot[l + 4]
+                    if VL >= 4:
+                        for l in T.vectorized(2):
+                            dot[l] = dot[l] + dot[l + 2]
+                    if VL >= 2:
+                        s[g, t] = dot[0] + dot[1]
+                    else:
+                        s[g, t] = dot[0]
+                    st[g, 3] = T.max(st[g, 3], s[g, t])
+        for g in T.serial(G):
+            st[g, 2] = T.max(st[g, 0], st[g, 3])
+            st[g, 1] = st[g, 1] * fast_exp2(st[g, 0] - st[g, 2])
             for d in T.vectorized(D):
-                o[d] = o[d] + s[t] * T.Cast("float32", value_at(vbuf, base, hk, t, d))
+                o[g, d] = o[g, d] * fast_exp2(st[g, 0] - st[g, 2])
+            st[g, 0] = st[g, 2]
+            for t in T.vectorized(KB):
+                s[g, t] = T.Select(t < n_rows, fast_exp2(s[g, t] - st[g, 0]), T.float32(0))
+            for t in T.serial(KB):
+                st[g, 1] = st[g, 1] + s[g, t]
+        for t in T.serial(n_rows):
+            for g in T.unroll(G):
+                for d in T.vectorized(D):
+                    o[g, d] = o[g, d] + s[g, t] * T.Cast("float32", value_at(vbuf, base, hk, t, d))
 
     @T.macro
-    def finish(o, st, out, lse_buf, qrow, h, dtype):
-        for d in T.vectorized(D):
-            out[qrow, h, d] = T.Cast(dtype, o[d] / T.max(st[1], T.float32(1e-30)))
-        lse_buf[qrow, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
+    def finish(o, st, out, lse_buf, qrow, hk, dtype):
+        for g in T.serial(G):
+            for d in T.vectorized(D):
+                out[qrow, hk * G + g, d] = T.Cast(dtype, o[g, d] / T.max(st[g, 1], T.float32(1e-30)))
+            lse_buf[qrow, hk * G + g] = st[g, 0] + T.log2(T.max(st[g, 1], T.float32(1e-30)))
 
     return start, block, finish
 
@@ -390,7 +398,8 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
 
     Same signature and results (output and log2-sum-exp ``lse``) as TVM's CPU kernel
     ``batch_decode_paged_kv_cpu``, which walks the cache one scalar at a time on one thread.
-    Here every (sequence, query head) is a task spread over threads; a page's scores are
+    Here every (sequence, key/value head) is a task spread over threads, for all the query heads
+    that share the key/value head (each cached key is read once per group); a page's scores are
     computed with vectorized dot products, exponentiated together (:func:`fast_exp2`), and one
     online-softmax update per page rescales the vectorized output accumulator.  RoPE must have
     been applied before caching (kiln's models do); the kernel refuses ``rotary_mode`` 1.
@@ -399,7 +408,7 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
     GROUP = H_qo // H_kv
     VL = _vector_lanes(D)
     start, block, finish = _attention_state(
-        D, PS, VL, lambda buf, pg, hk, t, d: buf[pg, 0, hk, t, d], lambda buf, pg, hk, t, d: buf[pg, 1, hk, t, d])
+        D, PS, VL, GROUP, lambda buf, pg, hk, t, d: buf[pg, 0, hk, t, d], lambda buf, pg, hk, t, d: buf[pg, 1, hk, t, d])
 
     @T.prim_func(s_tir=True, private=True)
     def batch_decode_paged_kv(
@@ -437,25 +446,25 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
         length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
         assert rotary_mode == 0, "kiln's CPU decode attention expects RoPE applied before caching"
 
-        for task in T.parallel(B * H_qo):
+        for task in T.parallel(B * H_kv):
             with T.sblock("attn"):
                 T.reads(Q[0:B, 0:H_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:PS, 0:D],
                         page_table_indptr[0:B + 1], page_table_values[0:nnz_pages], length_info[0:B])
                 T.writes(output[0:B, 0:H_qo, 0:D], lse[0:B, 0:H_qo])
-                qv = T.sblock_alloc_buffer((D,), "float32")
-                o = T.sblock_alloc_buffer((D,), "float32")
-                s = T.sblock_alloc_buffer((PS,), "float32")
+                qv = T.sblock_alloc_buffer((GROUP, D), "float32")
+                o = T.sblock_alloc_buffer((GROUP, D), "float32")
+                s = T.sblock_alloc_buffer((GROUP, PS), "float32")
                 dot = T.sblock_alloc_buffer((VL,), "float32")
-                st = T.sblock_alloc_buffer((4,), "float32")
-                b: T.let[T.int32] = task // H_qo
-                h: T.let[T.int32] = task % H_qo
+                st = T.sblock_alloc_buffer((GROUP, 4), "float32")
+                b: T.let[T.int32] = task // H_kv
+                hk: T.let[T.int32] = task % H_kv
                 begin: T.let[T.int32] = page_table_indptr[b]
                 n_pages: T.let[T.int32] = page_table_indptr[b + 1] - begin
-                start(qv, o, st, Q, b, h, sm_scale)
+                start(qv, o, st, Q, b, hk, sm_scale)
                 for p in T.serial(n_pages):
-                    block(qv, o, s, dot, st, pages, pages, page_table_values[begin + p], h // GROUP,
+                    block(qv, o, s, dot, st, pages, pages, page_table_values[begin + p], hk,
                           T.if_then_else(p == n_pages - 1, length_info[b], PS))
-                finish(o, st, output, lse, b, h, dtype)
+                finish(o, st, output, lse, b, hk, dtype)
 
     return batch_decode_paged_kv
 
@@ -481,8 +490,8 @@ def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype
     themselves; earlier tokens come from the paged kernel and the two are merged by ``lse``).
 
     Same signature and results as TVM's CPU ``batch_prefill_ragged_kv``, which runs every query
-    against every key, scalar, on one thread.  Here every (query token, head) is a task spread
-    over threads; it reads only the keys the causal mask lets it see, ``block_keys`` at a time,
+    against every key, scalar, on one thread.  Here every (query token, key/value head) is a task
+    spread over threads; it reads only the keys the causal mask lets it see, ``block_keys`` at a time,
     with the block update of :func:`decode_attention`.  RoPE must have been applied before
     (kiln's models do); ``rotary_mode`` 1 is refused.
     """
@@ -490,7 +499,7 @@ def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype
     GROUP = H_qo // H_kv
     VL = _vector_lanes(D)
     start, block, finish = _attention_state(
-        D, KB, VL, lambda buf, row, hk, t, d: buf[row + t, hk, d], lambda buf, row, hk, t, d: buf[row + t, hk, d])
+        D, KB, VL, GROUP, lambda buf, row, hk, t, d: buf[row + t, hk, d], lambda buf, row, hk, t, d: buf[row + t, hk, d])
 
     @T.prim_func(s_tir=True, private=True)
     def batch_prefill_ragged_kv(
@@ -528,19 +537,19 @@ def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype
         lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
         assert rotary_mode == 0, "kiln's CPU prefill attention expects RoPE applied before attention"
 
-        for task in T.parallel(qo_len * H_qo):
+        for task in T.parallel(qo_len * H_kv):
             with T.sblock("attn"):
                 T.reads(q[0:qo_len, 0:H_qo, 0:D], k[0:kv_len, 0:H_kv, 0:D], v[0:kv_len, 0:H_kv, 0:D],
                         q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
                 T.writes(output[0:qo_len, 0:H_qo, 0:D], lse[0:qo_len, 0:H_qo])
-                qv = T.sblock_alloc_buffer((D,), "float32")
-                o = T.sblock_alloc_buffer((D,), "float32")
-                s = T.sblock_alloc_buffer((KB,), "float32")
+                qv = T.sblock_alloc_buffer((GROUP, D), "float32")
+                o = T.sblock_alloc_buffer((GROUP, D), "float32")
+                s = T.sblock_alloc_buffer((GROUP, KB), "float32")
                 dot = T.sblock_alloc_buffer((VL,), "float32")
-                st = T.sblock_alloc_buffer((4,), "float32")
+                st = T.sblock_alloc_buffer((GROUP, 4), "float32")
                 seq = T.sblock_alloc_buffer((1,), "int32")
-                row: T.let[T.int32] = task // H_qo
-                h: T.let[T.int32] = task % H_qo
+                row: T.let[T.int32] = task // H_kv
+                hk: T.let[T.int32] = task % H_kv
                 seq[0] = 0
                 for bb in T.serial(batch_size):  # the sequence this query token belongs to
                     if q_indptr[bb + 1] <= row:
@@ -550,10 +559,10 @@ def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype
                 k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                 n_keys: T.let[T.int32] = T.if_then_else(
                     causal > 0, T.min(k_len - q_len + (row - q_indptr[b]) + 1, k_len), k_len)
-                start(qv, o, st, q, row, h, sm_scale)
+                start(qv, o, st, q, row, hk, sm_scale)
                 for kb in T.serial((n_keys + KB - 1) // KB):
-                    block(qv, o, s, dot, st, k, v, kv_indptr[b] + kb * KB, h // GROUP, T.min(KB, n_keys - kb * KB))
-                finish(o, st, output, lse, row, h, dtype)
+                    block(qv, o, s, dot, st, k, v, kv_indptr[b] + kb * KB, hk, T.min(KB, n_keys - kb * KB))
+                finish(o, st, output, lse, row, hk, dtype)
 
     return batch_prefill_ragged_kv
 
