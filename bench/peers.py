@@ -556,4 +556,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as exc:  # kiln's own errors are one line, as in the kiln command
+        from kiln.errors import KilnError
+
+        if not isinstance(exc, KilnError) or os.environ.get("KILN_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
