@@ -99,9 +99,9 @@ def test_interactive_commands(cm):
     assert text.endswith(">>> ") and cm.history == []
 
 
-def kiln_cli(*args, stdin=None):
+def kiln_cli(*args, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, env={**os.environ, "KILN_NO_PROGRESS": "1"})
+                          text=True, env={**os.environ, "KILN_NO_PROGRESS": "1", **(env or {})})
 
 
 def test_kiln_chat_one_shot_prompt_and_stdin(built, cm):
@@ -116,7 +116,7 @@ def test_kiln_chat_one_shot_prompt_and_stdin(built, cm):
     # the hint names options that `kiln chat` has, and only those
     hint = re.search(r"To reduce memory, lower (.*)\.$", res.stderr, re.M).group(1)
     assert hint == "--max-total-tokens or --context-window-size"
-    help_ = kiln_cli("chat", "--help").stdout
+    help_ = kiln_cli("chat", "--help", env={"COLUMNS": "250"}).stdout  # wide: no option names cut short
     assert all(re.search(rf"{option}\b", help_) for option in re.findall(r"--[a-z-]+", hint))
     piped = kiln_cli("chat", built.model_dir, "--model-lib", built.lib, "--temperature", "0", "--max-tokens", "8",
                      stdin="hello\n")
