@@ -275,29 +275,37 @@ def test_invalid_jinja_is_a_config_error():
 
 
 # ------------------------------------------------------------------------------------ bad requests
-@pytest.mark.parametrize("messages, fragment", [
-    ("hello", "must be a list"),
-    ([], "must not be empty"),
-    (["hello"], r"messages\[0\] must be an object"),
-    ([{"content": "x"}], r"messages\[0\] has role None"),
-    ([{"role": "bot", "content": "x"}], r"role 'bot'; expected one of 'system', 'user', 'assistant'"),
-    ([{"role": "user", "content": None}], r"messages\[0\].content must be a string"),
-    ([{"role": "user"}], r"messages\[0\].content must be a string"),
-    ([{"role": "user", "content": 42}], r"content must be a string or a list of text parts, got int"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text is supported"),
-    ([{"role": "user", "content": [{"type": "text", "text": 1}]}], r"content\[0\] must be"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], r"messages\[1\] is a system message"),
+@pytest.mark.parametrize("messages, fragment, param", [
+    ("hello", "must be a list", "messages"),
+    ([], "must not be empty", "messages"),
+    (["hello"], r"messages\[0\] must be an object with 'role' and 'content', got string", "messages[0]"),
+    ([{"content": "x"}], r"'messages\[0\]\.role' is required", "messages[0].role"),
+    ([{"role": "bot", "content": "x"}], r"role 'bot'; expected one of 'system', 'user', 'assistant'",
+     "messages[0].role"),
+    # a missing or null content names the field, not Python's "NoneType"
+    ([{"role": "user", "content": None}], r"^'messages\[0\]\.content' is required", "messages[0].content"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant"}], r"^'messages\[1\]\.content' is required",
+     "messages[1].content"),
+    ([{"role": "user", "content": 42}], r"'messages\[0\]\.content' must be a string or an array of text parts, "
+                                        r"got integer$", "messages[0].content"),
+    ([{"role": "user", "content": {"text": "x"}}], r"content' must be a string .*got object$", "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text is supported",
+     "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "text", "text": 1}]}], r"content\[0\] must be", "messages[0].content[0]"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], r"messages\[1\] is a system message",
+     "messages"),
 ])
-def test_bad_messages_are_request_errors(messages, fragment):
+def test_bad_messages_are_request_errors(messages, fragment, param):
     with pytest.raises(RequestError, match=fragment) as err:
         Conversation(BUILTIN["chatml"]).render(messages)
-    assert err.value.param == "messages"
+    assert err.value.param == param
+    assert "NoneType" not in str(err.value)
 
 
 def test_jinja_checks_messages_too(smollm2_chat_template):
     with pytest.raises(RequestError, match="role 'tool'") as err:
         Conversation.from_jinja(smollm2_chat_template).render([{"role": "tool", "content": "x"}])
-    assert err.value.param == "messages"
+    assert err.value.param == "messages[0].role"
 
 
 # ------------------------------------------------------------------------------------ from_chat_config

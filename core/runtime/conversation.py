@@ -48,40 +48,56 @@ def _fill(template: str, **values: str) -> str:
 
 
 # ---------------------------------------------------------------------------- messages
+def _json_type(value) -> str:
+    """A value's type as a JSON (OpenAI) client would name it."""
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", tuple: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def normalize_messages(messages: Any, roles: Iterable[str]) -> list[dict]:
     """Check OpenAI-style messages and return copies whose ``content`` is a string.
 
     ``content`` may be a string or a list of ``{"type": "text", "text": ...}`` parts (joined
-    with newlines).  A bad message raises :class:`RequestError` with ``param="messages"``.
+    with newlines).  A bad message raises :class:`RequestError` whose ``param`` names the field
+    (``messages``, ``messages[1].role``, ``messages[0].content``, ...), as OpenAI does.
     """
     allowed = list(dict.fromkeys(roles))
 
-    def bad(message: str):
-        raise RequestError(message, param="messages", code="invalid_value")
+    def bad(message: str, param: str = "messages", code: str = "invalid_value"):
+        raise RequestError(message, param=param, code=code)
 
     if not isinstance(messages, (list, tuple)):
-        bad(f"messages must be a list of {{'role': ..., 'content': ...}} objects, got {type(messages).__name__}")
+        bad(f"messages must be a list of {{'role': ..., 'content': ...}} objects, got {_json_type(messages)}",
+            code="invalid_type")
     if not messages:
         bad("messages must not be empty")
     out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
-            bad(f"messages[{i}] must be an object with 'role' and 'content', got {type(msg).__name__}")
+            bad(f"messages[{i}] must be an object with 'role' and 'content', got {_json_type(msg)}",
+                f"messages[{i}]", "invalid_type")
         role = msg.get("role")
+        if role is None:
+            bad(f"'messages[{i}].role' is required", f"messages[{i}].role", "missing_required_parameter")
         if role not in allowed:
-            bad(f"messages[{i}] has role {role!r}; expected one of {', '.join(repr(r) for r in allowed)}")
+            bad(f"messages[{i}] has role {role!r}; expected one of {', '.join(repr(r) for r in allowed)}",
+                f"messages[{i}].role")
         content = msg.get("content")
+        if content is None:  # absent, or null (which OpenAI allows only beside tool calls)
+            bad(f"'messages[{i}].content' is required: every message needs its text as a string",
+                f"messages[{i}].content", "missing_required_parameter")
         if isinstance(content, (list, tuple)):
             texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                    kind = part.get("type") if isinstance(part, Mapping) else _json_type(part)
                     bad(f"messages[{i}].content[{j}] must be a {{'type': 'text', 'text': ...}} part "
-                        f"(only text is supported), got {kind!r}")
+                        f"(only text is supported), got {kind!r}", f"messages[{i}].content[{j}]")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif not isinstance(content, str):
-            bad(f"messages[{i}].content must be a string or a list of text parts, got {type(content).__name__}")
+            bad(f"'messages[{i}].content' must be a string or an array of text parts, got {_json_type(content)}",
+                f"messages[{i}].content", "invalid_type")
         out.append({**msg, "role": role, "content": content})
     return out
 
