@@ -248,6 +248,22 @@ def model_id(server):
 
 
 # ------------------------------------------------------------------------------------- answers
+def test_start_up_log_names_device_model_library_memory_and_address(server, built):
+    log = server.log()
+    assert re.search(r"^Device: cpu:0 \(", log, re.M), log
+    assert re.search(r"^Total memory usage: [\d.]+ MB \(Parameters: [\d.]+ MB\. KVCache: [\d.]+ MB\. "
+                     r"Temporary buffer: [\d.]+ MB\)$", log, re.M), log
+    assert f"Model: {built.model_dir.name} ({built.model_dir})" in log
+    assert f"Model library: {built.lib}" in log
+    assert f"Serving the OpenAI API on http://127.0.0.1:{server.port}/v1" in log
+    # the hint names options `kiln serve` has
+    hint = re.search(r"To reduce memory, lower (.*)\.$", log, re.M).group(1)
+    assert hint == "--max-total-tokens, --max-batch-size or --context-window-size"
+    help_ = subprocess.run([sys.executable, "-m", "kiln.cli", "serve", "--help"], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "COLUMNS": "250"}).stdout  # no names cut short
+    assert all(re.search(rf"{option}\b", help_) for option in re.findall(r"--[a-z-]+", hint))
+
+
 def test_models_list_and_model_names(server, built, model_id):
     client = server.client()
     models = client.models.list().data
@@ -381,10 +397,15 @@ BAD_REQUESTS = [
     ("completion", {"max_tokens": 2}, 400, "prompt", "missing_required_parameter", "'prompt' is required"),
     ("chat", {**CHAT, "messages": "hi"}, 400, "messages", None, "messages must be a list"),
     ("chat", {**CHAT, "messages": []}, 400, "messages", None, "empty"),
-    ("chat", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", None, "'wizard'"),
-    ("chat", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "messages", None, "content"),
-    ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages", None,
-     "text"),
+    ("chat", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", None, "'wizard'"),
+    ("chat", {**CHAT, "messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_required_parameter",
+     "'messages[0].content' is required"),
+    ("chat", {**CHAT, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}, 400,
+     "messages[1].content", "missing_required_parameter", "'messages[1].content' is required"),
+    ("chat", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_type",
+     "'messages[0].content' must be a string or an array of text parts, got integer"),
+    ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]", None, "text"),
     ("chat", {**CHAT, "temperature": "hot"}, 400, "temperature", "invalid_type", "must be a number"),
     ("chat", {**CHAT, "max_tokens": "10"}, 400, "max_tokens", "invalid_type", "must be an integer"),
     ("chat", {**CHAT, "max_tokens": 2.5}, 400, "max_tokens", "invalid_type", "must be an integer"),
@@ -430,7 +451,8 @@ BAD_REQUESTS = [
 def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, path, body, status, param, code, words):
     path = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}[path]
     resp = server.post(path, None, raw=body) if isinstance(body, bytes) else server.post(path, body)
-    assert_error(resp, status, param, code, words)
+    err = assert_error(resp, status, param, code, words)
+    assert "NoneType" not in err["message"]  # JSON's names for types, not Python's
     ok = server.post("/v1/chat/completions", CHAT)
     assert ok.status == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -482,6 +504,7 @@ def test_sixteen_concurrent_streams_each_equal_their_own_answer(server, model_id
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    before = server.metrics()
     for t in threads:
         t.start()
     for t in threads:
@@ -490,6 +513,78 @@ def test_sixteen_concurrent_streams_each_equal_their_own_answer(server, model_id
     assert results == alone
     m = server.metrics()
     assert m['kiln_http_requests_total{endpoint="/v1/chat/completions",method="POST",status="200"}'] >= 32
+    # they were batched: their decoded tokens took fewer decode steps than there are tokens
+    steps = m["kiln_decode_steps_total"] - before["kiln_decode_steps_total"]
+    decoded = m["kiln_decode_tokens_total"] - before["kiln_decode_tokens_total"]
+    assert 0 < steps < decoded
+
+
+def test_async_engine_streams_concurrent_requests_in_one_batch(built):
+    """kiln.AsyncEngine without the server: two streamed requests awaited together share decode
+    steps and each streams what it answers alone (token ids); closing a stream cancels it."""
+    import asyncio
+
+    from kiln import AsyncEngine
+    from test_engine import token_ids
+
+    prompts = [tokens(10, seed=61), tokens(37, seed=62)]
+    kw = dict(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
+
+    async def streamed(engine, p):
+        ids, text, finish, usage = [], "", None, None
+        table = {engine.token_text(i): i for i in range(engine.model.vocab_size)}
+        async for chunk in await engine.completions.create(prompt=p, stream=True,
+                                                           stream_options={"include_usage": True}, **kw):
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
+                ids += [table[t] for t in (choice.logprobs.tokens if choice.logprobs else [])]
+        return ids, text, finish, usage
+
+    async def main(engine):
+        alone = [await engine.completions.create(prompt=p, **kw) for p in prompts]
+        # hold the scheduler until both requests are queued, so they start in one step
+        entered, gate = threading.Event(), threading.Event()
+        engine._inbox.put(("call", lambda: (entered.set(), gate.wait(300))))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 60)
+        steps, decoded = engine.stats.decode_steps, engine.stats.decode_tokens
+        both = asyncio.gather(*(streamed(engine, p) for p in prompts))
+        while engine._inbox.qsize() < 2:
+            await asyncio.sleep(0.005)
+        gate.set()
+        results = await both
+        for out, (ids, text, finish, usage) in zip(alone, results):
+            assert ids == token_ids(engine, out) and text == out.choices[0].text
+            assert finish == "length" and usage.completion_tokens == 20
+        assert engine.stats.decode_tokens - decoded == 2 * 19
+        # they decoded together (the longer prompt's second prefill chunk costs the other one step)
+        assert engine.stats.decode_steps - steps <= 20
+        # a streamed chat, closed after its first token: the request is cancelled, its KV freed
+        chunks = await engine.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=500,
+                                                      ignore_eos=True, stream=True)
+        first = [c async for c, _ in zip_first(chunks, 2)]
+        assert first[0].choices[0].delta.role == "assistant"
+        await chunks.aclose()
+        assert await asyncio.get_running_loop().run_in_executor(None, engine.wait_idle, 60)
+        assert engine.kv_pages_in_use() == 0 and engine.stats.decode_tokens - decoded < 2 * 19 + 500
+
+    engine = AsyncEngine(built.model_dir, built.lib, prefix_cache=False)
+    try:
+        asyncio.run(main(engine))
+    finally:
+        engine.close()
+
+
+async def zip_first(chunks, n):
+    """The first ``n`` items of an async iterator, with their index (the iterator stays open)."""
+    i = 0
+    async for chunk in chunks:
+        yield chunk, i
+        i += 1
+        if i == n:
+            return
 
 
 def test_a_full_kv_cache_under_load_is_no_error(server, model_id):
@@ -530,8 +625,11 @@ def test_metrics_in_prometheus_format(server):
                  "kiln_request_duration_seconds"):
         assert f"# TYPE {name} histogram" in text
         assert m[f"{name}_count"] > 0 and m[f'{name}_bucket{{le="+Inf"}}'] == m[f"{name}_count"]
-    for name in ("kiln_prompt_tokens_total", "kiln_generation_tokens_total"):
+    for name in ("kiln_prompt_tokens_total", "kiln_generation_tokens_total", "kiln_decode_steps_total",
+                 "kiln_decode_tokens_total", "kiln_prefill_tokens_total"):
         assert f"# TYPE {name} counter" in text and m[name] > 0
+    assert m["kiln_decode_tokens_total"] > m["kiln_decode_steps_total"]
+    assert "# TYPE kiln_preemptions_total counter" in text
     assert m["kiln_kv_cache_pages_total"] > 0 and 0 <= m["kiln_kv_cache_pages_in_use"] <= m["kiln_kv_cache_pages_total"]
     for gauge in ("kiln_requests_waiting", "kiln_sequences_running", "kiln_server_draining"):
         assert f"# TYPE {gauge} gauge" in text

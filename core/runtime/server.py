@@ -466,7 +466,15 @@ class ServerState:
 
     def gauges(self) -> list[tuple[str, str, str, float]]:
         st = self.engine.status()
+        stats = self.engine.stats
         return [
+            ("kiln_decode_steps_total", "counter", "Batched decode steps the engine ran.", stats.decode_steps),
+            ("kiln_decode_tokens_total", "counter",
+             "Tokens those decode steps produced (divided by the steps: the mean decode batch).", stats.decode_tokens),
+            ("kiln_prefill_tokens_total", "counter", "Prompt tokens the engine computed (not reused from the "
+             "prefix cache).", stats.prefill_tokens),
+            ("kiln_preemptions_total", "counter", "Requests whose KV was freed for others (recomputed later).",
+             stats.preemptions),
             ("kiln_requests_waiting", "gauge", "Requests queued in the engine, waiting for a batch slot.",
              st["waiting"]),
             ("kiln_sequences_running", "gauge", "Sequences in the running batch (prefilling or decoding).",
