@@ -16,6 +16,8 @@ Compiled entry points (the runtime's contract; all take the packed parameters la
 
 from __future__ import annotations
 
+import math
+
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
@@ -64,6 +66,64 @@ def dense(x: te.Tensor, weight: te.Tensor):
     if acc != x.dtype:
         out = te.compute(out.shape, lambda *i: out[i].astype(x.dtype), name="matmul_cast")
     return out
+
+
+_EXP2_COEFFS = [math.log(2) ** n / math.factorial(n) for n in range(8)]  # 2**f on [-1/2, 1/2]: error < 1e-8
+
+
+def _pow2(i):
+    """``2**i`` for an integral float32 ``i`` in [-126, 127], from the exponent bits."""
+    return tirx.reinterpret("float32", tirx.shift_left(i.astype("int32") + 127, 23))
+
+
+def fast_exp2(x):
+    """``2**x`` (float32 TIR expression) in plain arithmetic: round ``x`` to an integer ``i`` and
+    a fraction ``f`` in [-1/2, 1/2], a degree-7 series for ``2**f``, ``i`` put into the
+    exponent.  Relative error below 3e-7; inputs below -126 give ``2**-126`` (~1e-38)."""
+    x = tirx.max(tirx.min(x, tirx.const(127.0, "float32")), tirx.const(-126.0, "float32"))
+    i = tirx.round(x)
+    f = x - i
+    p = tirx.const(_EXP2_COEFFS[-1], "float32")
+    for c in reversed(_EXP2_COEFFS[:-1]):
+        p = p * f + tirx.const(c, "float32")
+    return p * _pow2(i)
+
+
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094172e-06  # ln 2 = hi + lo, hi exact in 16 bits
+_EXP_COEFFS = [1.0 / math.factorial(n) for n in range(8)]  # e**r on [-ln2/2, ln2/2]: error < 1e-8
+
+
+def fast_exp(x):
+    """``e**x`` (float32 TIR expression) in plain arithmetic: ``x = i ln2 + r`` (Cody-Waite, two
+    constants), a degree-7 series for ``e**r``, ``i`` put into the exponent.  Relative error
+    below 3e-7 over [-87, 88] (the float32 range; clamped outside).  Vector code computes it
+    lane-parallel, where ``exp`` would be one library call per lane on a CPU (TVM's LLVM
+    pipeline has no vector math library)."""
+    x = tirx.max(tirx.min(x, tirx.const(88.0, "float32")), tirx.const(-87.0, "float32"))
+    i = tirx.round(x * tirx.const(1 / math.log(2), "float32"))
+    r = (x - i * tirx.const(_LN2_HI, "float32")) - i * tirx.const(_LN2_LO, "float32")
+    p = tirx.const(_EXP_COEFFS[-1], "float32")
+    for c in reversed(_EXP_COEFFS[:-1]):
+        p = p * r + tirx.const(c, "float32")
+    return p * _pow2(i)
+
+
+def _swiglu(gate_up: te.Tensor):
+    *batch, two_i = gate_up.shape
+    inter = two_i // 2
+
+    def value(*idx):
+        gate = gate_up[(*idx[:-1], idx[-1])].astype("float32")
+        up = gate_up[(*idx[:-1], idx[-1] + inter)].astype("float32")
+        return (gate / (tirx.const(1.0, "float32") + fast_exp(-gate)) * up).astype(gate_up.dtype)
+
+    return te.compute((*batch, inter), value, name="swiglu")
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` on the last axis (the Llama MLP's
+    activation) as one element-wise kernel, with :func:`fast_exp`."""
+    return op.tensor_expr_op(_swiglu, "swiglu", [gate_up])
 
 
 def take(x: Tensor, indices: Tensor, axis: int, name: str = "take") -> Tensor:

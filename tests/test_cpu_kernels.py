@@ -15,6 +15,7 @@ import tvm
 from tvm import te
 
 import kiln  # noqa: F401 - sets TVM's thread count
+from kiln import modeling
 from kiln.modeling import dense
 from kiln.quantization import GroupQuant
 from kiln.quantization.layers import q_dense
@@ -169,12 +170,27 @@ def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
 
 
 # ------------------------------------------------------------------------ attention
-def test_fast_exp2_is_accurate():
-    x = np.concatenate([np.linspace(-125, 126, 20001), np.linspace(-1, 1, 2001)]).astype(np.float32)
+@pytest.mark.parametrize("name,low,high,ref", [("fast_exp2", -125, 126, np.exp2), ("fast_exp", -87, 88, np.exp)])
+def test_polynomial_exponentials_are_accurate(name, low, high, ref):
+    """The vectorizable exponentials of kiln.modeling (attention's exp2, the MLP's SiLU)."""
+    fast = getattr(modeling, name)
+    x = np.concatenate([np.linspace(low, high, 200001), np.linspace(-1, 1, 2001)]).astype(np.float32)
     X = te.placeholder(x.shape, "float32")
-    fn = tvm.compile(te.create_prim_func([X, te.compute(x.shape, lambda i: ck.fast_exp2(X[i]))]), TARGET)["main"]
+    fn = tvm.compile(te.create_prim_func([X, te.compute(x.shape, lambda i: fast(X[i]))]), TARGET)["main"]
     (y,) = run(fn, [x], [(x.shape, "float32")])
-    np.testing.assert_allclose(y, np.exp2(x.astype(np.float64)), rtol=3e-7)
+    np.testing.assert_allclose(y, ref(x.astype(np.float64)), rtol=3e-7)
+
+
+def test_swiglu_matches_numpy():
+    rng = np.random.default_rng(6)
+    gate_up = (rng.standard_normal((3, 5, 2 * 37)) * 4).astype(np.float32)
+    X = te.placeholder(gate_up.shape, "float32")
+    mod = tvm.IRModule({"main": te.create_prim_func([X, modeling._swiglu(X)])})
+    with TARGET:
+        mod = schedule_pass(TARGET)(mod)
+    (y,) = run(tvm.compile(mod, TARGET)["main"], [gate_up], [((3, 5, 37), "float32")])
+    g, u = gate_up[..., :37].astype(np.float64), gate_up[..., 37:].astype(np.float64)
+    np.testing.assert_allclose(y, g / (1 + np.exp(-g)) * u, rtol=1e-6, atol=1e-6)
 
 
 def attention_reference(q, keys, values, causal_offset=None):

@@ -30,10 +30,11 @@ The kernel keeps the signature (and the exact result, up to float reassociation)
 from __future__ import annotations
 
 import logging
-import math
 
 import tvm
 from tvm.script import tirx as T
+
+from kiln.modeling import fast_exp2
 
 log = logging.getLogger("kiln")
 
@@ -301,23 +302,6 @@ def replace_decode_kernels(target: tvm.target.Target):
 
 # ---------------------------------------------------------------------------------------- attention
 LOG2E = 1.4426950408889634
-# 2**f = sum_n (f ln 2)**n / n! on [-1/2, 1/2]: degree 7 leaves a relative error below 1e-8
-_EXP2_COEFFS = [math.log(2) ** n / math.factorial(n) for n in range(8)]
-
-
-def fast_exp2(x):
-    """``2**x`` in plain arithmetic (vectorizes, unlike the libm call LLVM emits for ``exp2``):
-    round ``x`` to an integer ``i`` and a fraction ``f`` in [-1/2, 1/2], evaluate the series of
-    ``2**f``, put ``i`` into the exponent.  Inputs below -126 give ``2**-126`` (~1e-38)."""
-    x = T.max(T.min(x, T.float32(127)), T.float32(-126))
-    i = T.round(x)
-    f = x - i
-    p = T.float32(_EXP2_COEFFS[-1])
-    for c in reversed(_EXP2_COEFFS[:-1]):
-        p = p * f + T.float32(c)
-    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", i) + 127, 23))
-
-
 def _attention_state(D: int, KB: int, VL: int, G: int, key_at, value_at):
     """Macros for the ``G`` query heads that share one key/value head (grouped-query attention),
     for one query token, over blocks of ``KB`` keys: online softmax in base 2 (TVM's convention:
