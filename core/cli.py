@@ -128,6 +128,10 @@ def chat_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     context_window_size: Optional[int] = typer.Option(None, "--context-window-size", help="Shorter context (less memory)."),
     max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="KV-cache size in tokens."),
+    overrides: Optional[str] = typer.Option(
+        None, "--overrides", help='Sizes compiled into the model library (a cache entry of its own): '
+                                  '"context_window_size=4096;prefill_chunk_size=512;max_batch_size=16;'
+                                  'sliding_window_size=N".'),
 ):
     """Chat with a model in the terminal (or answer one --prompt / stdin for scripts)."""
     from .runtime.chat_cli import interactive, one_shot
@@ -142,7 +146,7 @@ def chat_cmd(
     config = GenerationConfig(temperature=temperature, max_gen_len=max_tokens, seed=seed)
     with ChatModule(model, model_lib, device, generation_config=config, quantization=quantization,
                     context_window_size=context_window_size, max_total_tokens=max_total_tokens,
-                    front_end="chat") as cm:
+                    overrides=overrides, front_end="chat") as cm:
         if prompt is not None:
             one_shot(cm, prompt)
         else:
@@ -169,6 +173,10 @@ def serve_cmd(
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Most sequences decoded together."),
     context_window_size: Optional[int] = typer.Option(None, "--context-window-size", help="Shorter context (less memory)."),
     max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="KV-cache size in tokens."),
+    overrides: Optional[str] = typer.Option(
+        None, "--overrides", help='Sizes compiled into the model library (a cache entry of its own): '
+                                  '"context_window_size=4096;prefill_chunk_size=512;max_batch_size=16;'
+                                  'sliding_window_size=N".'),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache",
                                       help="Keep finished sequences' KV for later requests that share the prefix."),
     shutdown_grace: float = typer.Option(5.0, "--shutdown-grace", help="Seconds requests in flight may run on after "
@@ -181,7 +189,7 @@ def serve_cmd(
     serve(model, model_lib, device, host=host, port=port, api_key=api_key, allowed_origins=allowed_origins,
           max_queue=max_queue, max_body_bytes=max_body_bytes, max_batch_size=max_batch_size,
           context_window_size=context_window_size, max_total_tokens=max_total_tokens, prefix_cache=prefix_cache,
-          shutdown_grace=shutdown_grace, access_log=access_log, quantization=quantization)
+          shutdown_grace=shutdown_grace, access_log=access_log, quantization=quantization, overrides=overrides)
 
 
 _BENCH_HELP = "\n\n".join([

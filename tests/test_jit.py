@@ -3,6 +3,7 @@ builder at a time, `kiln cache`, and the README's main command on SmolLM2."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -47,14 +48,24 @@ def test_a_checkpoint_is_built_once_and_reused(home, checkpoint):
     assert len(list((home / "models").iterdir())) == 2
 
 
-@pytest.mark.parametrize("damage", ["corrupt shard", "truncated library", "no manifest", "manifest of other inputs"])
+def flip_a_byte(path, at=100):
+    """Damage a file without changing its size."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["corrupt shard", "corrupt tokenizer", "corrupt config", "truncated library",
+                                    "no manifest", "manifest of other inputs"])
 def test_a_damaged_entry_is_rebuilt_not_loaded(home, checkpoint, damage, caplog):
     entry = prepare(checkpoint, quantization="q0f32")
     shard = entry.model_dir / "params_shard_0.bin"
     if damage == "corrupt shard":
-        data = bytearray(shard.read_bytes())
-        data[100] ^= 0xFF
-        shard.write_bytes(bytes(data))
+        flip_a_byte(shard)
+    elif damage == "corrupt tokenizer":
+        flip_a_byte(entry.model_dir / "tokenizer.json", at=len((entry.model_dir / "tokenizer.json").read_bytes()) // 2)
+    elif damage == "corrupt config":
+        flip_a_byte(entry.model_dir / "mlc-chat-config.json", at=50)
     elif damage == "truncated library":
         entry.lib.write_bytes(entry.lib.read_bytes()[:1000])
     elif damage == "no manifest":  # a build that was interrupted before it finished
@@ -66,7 +77,53 @@ def test_a_damaged_entry_is_rebuilt_not_loaded(home, checkpoint, damage, caplog)
     again = prepare(checkpoint, quantization="q0f32")
     assert again.built and again.model_dir == entry.model_dir
     assert "rebuilding it" in caplog.text
+    if damage.startswith("corrupt") and damage != "corrupt shard":
+        assert f"{'tokenizer.json' if 'tokenizer' in damage else 'mlc-chat-config.json'} fails its md5 check" \
+            in caplog.text
     assert not prepare(checkpoint, quantization="q0f32").built  # and now it is whole
+
+
+def test_size_overrides_are_part_of_the_cache_key(home, checkpoint):
+    """Two different overrides give two entries, the same overrides (spelt either way) one,
+    and the sizes reach the library and the engine."""
+    from kiln import Engine
+
+    small = prepare(checkpoint, quantization="q0f32", overrides="context_window_size=128;prefill_chunk_size=16")
+    same = prepare(checkpoint, quantization="q0f32", overrides={"prefill_chunk_size": 16, "context_window_size": 128})
+    other = prepare(checkpoint, quantization="q0f32", overrides="context_window_size=64")
+    plain = prepare(checkpoint, quantization="q0f32")
+    assert small.built and not same.built and same.model_dir == small.model_dir
+    assert other.built and plain.built
+    assert len({small.model_dir, other.model_dir, plain.model_dir}) == 3
+    assert sorted(p.name for p in (home / "models").iterdir()) == sorted(
+        p.model_dir.name for p in (small, other, plain))
+    manifest = json.loads((small.model_dir / MANIFEST).read_text())
+    assert manifest["key"]["overrides"] == {"context_window_size": 128, "prefill_chunk_size": 16}
+    assert "overrides" not in json.loads((plain.model_dir / MANIFEST).read_text())["key"]
+    config = json.loads((small.model_dir / "mlc-chat-config.json").read_text())
+    assert (config["context_window_size"], config["prefill_chunk_size"]) == (128, 16)
+    with Engine(checkpoint, quantization="q0f32", overrides="context_window_size=128;prefill_chunk_size=16",
+                max_batch_size=1) as engine:
+        assert engine.model.lib_path == small.lib
+        assert (engine.context_window_size, engine.prefill_chunk_size) == (128, 16)
+        assert (engine.model.context_window_size, engine.model.prefill_chunk_size) == (128, 16)
+    assert len(list((home / "models").iterdir())) == 3  # the engine reused the entry
+
+
+@pytest.mark.parametrize("overrides,error", [
+    ("num_hidden_layers=1", "unknown override 'num_hidden_layers'; valid: context_window_size, prefill_chunk_size, "
+                            "max_batch_size, sliding_window_size"),
+    ("context_window_sise=64", "did you mean 'context_window_size'"),
+    ("context_window_size=0", "override context_window_size must be positive, got 0"),
+    ("max_batch_size=many", "override max_batch_size must be an integer, got 'many'"),
+    ("context_window_size", "not of the form key=value"),
+])
+def test_bad_overrides_fail_before_any_work(home, checkpoint, overrides, error):
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match=re.escape(error)):
+        prepare(checkpoint, quantization="q0f32", overrides=overrides)
+    assert not home.exists() or not (home / "models").exists()
 
 
 def test_two_processes_building_the_same_model_build_it_once(home, checkpoint):
@@ -97,6 +154,11 @@ def test_a_converted_model_without_library_gets_one_compiled(home, checkpoint, k
     first = prepare(model_dir)
     assert first.built and first.model_dir == model_dir and first.lib.parent.parent == home / "libs"
     assert not prepare(model_dir).built
+    # size overrides compile another library for the same weights
+    small = prepare(model_dir, overrides="context_window_size=64")
+    assert small.built and small.lib != first.lib and small.lib.parent.parent == home / "libs"
+    assert not prepare(model_dir, overrides="context_window_size=64").built
+    assert len(list((home / "libs").iterdir())) == 2
 
 
 def test_unknown_references_say_what_is_accepted(home):
@@ -104,6 +166,25 @@ def test_unknown_references_say_what_is_accepted(home):
                                               r"Hugging Face checkpoint directory, a \.gguf file, or the name of a "
                                               r"packaged model \(installed: smollm2\)"):
         prepare("no-such-model")
+
+
+def test_kiln_chat_and_serve_take_overrides(home, checkpoint):
+    env = {**os.environ, "KILN_HOME": str(home), "KILN_NO_PROGRESS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, a)], capture_output=True, text=True,
+                                    env=env, timeout=600)
+    res = run("chat", checkpoint, "-q", "q0f32", "--overrides", "context_window_size=96;prefill_chunk_size=16",
+              "--prompt", "hi", "--max-tokens", "3", "--temperature", "0")
+    assert res.returncode == 0, res.stderr
+    assert "context window 96" in res.stderr
+    [entry] = (home / "models").iterdir()
+    assert json.loads((entry / MANIFEST).read_text())["key"]["overrides"] == {"context_window_size": 96,
+                                                                              "prefill_chunk_size": 16}
+    for command in ("chat", "serve"):
+        res = run(command, checkpoint, "-q", "q0f32", "--overrides", "num_hidden_layers=1", "--prompt", "hi") \
+            if command == "chat" else run(command, checkpoint, "-q", "q0f32", "--overrides", "num_hidden_layers=1")
+        assert res.returncode != 0 and "Traceback" not in res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith("error: unknown override 'num_hidden_layers'")
+    assert list((home / "models").iterdir()) == [entry]
 
 
 def test_kiln_cache_list_and_clear(home, checkpoint):

@@ -7,11 +7,17 @@ weights, the config, the library) is built once into ``$KILN_HOME`` (default
 
 * ``models/<name>-<quantization>-<key>/``: weights, ``mlc-chat-config.json``, tokenizer and
   ``lib-<device>.so`` of a checkpoint, keyed by the source (path, size, modification time),
-  quantization, overrides, target and kiln version;
-* ``libs/<name>-<key>.so``: a library compiled for a kiln model directory that came without one.
+  quantization, size overrides, target and kiln version;
+* ``libs/<name>-<key>.so``: a library compiled for a kiln model directory that came without one
+  (or with size overrides), keyed by its config, overrides, target and kiln version.
+
+Size overrides (``context_window_size``, ``prefill_chunk_size``, ``max_batch_size``,
+``sliding_window_size``; ``"k=v;k=v"`` or a dict) are compiled into the library; each distinct
+set is its own entry, and no overrides keeps the key it always had.
 
 An entry is complete only when its manifest (``kiln-cache.json``) is there and every file
-matches it (sizes, the library's md5, the weight shards' md5); anything else is rebuilt.
+matches it (sizes; the md5 of the library, the config, the weight index and the tokenizer
+files; the weight shards' md5); anything else is rebuilt.
 Builds happen in a staging directory under a per-entry file lock, so two processes asking
 for the same model at once build it once and never see half of it.
 """
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..errors import CheckpointError, KilnError
+from ..errors import CheckpointError, ConfigError, KilnError, UnknownNameError, did_you_mean
 from ..registry import get_registry
 from ..sources import resolve_source
 from .gen_config import CHAT_CONFIG
@@ -70,6 +76,32 @@ def pick_backend(device: str, registry=None):
                 continue
         raise KilnError("no device backend is available: pip install kiln-backends")
     return registry.backend(device.partition(":")[0])
+
+
+def normalize_overrides(overrides) -> dict:
+    """Size overrides as a sorted dict, checked: ``"context_window_size=1024;prefill_chunk_size=128"``,
+    a mapping, or ``None``.  Only the fields that size the compiled model may be overridden."""
+    from .compile import SIZE_FIELDS
+    from .model import POSITIVE_FIELDS, parse_overrides
+
+    if not overrides:
+        return {}
+    items = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+    out = {}
+    for key, value in items.items():
+        if key not in SIZE_FIELDS:
+            raise UnknownNameError(f"unknown override '{key}'{did_you_mean(key, SIZE_FIELDS)}; valid: "
+                                   f"{', '.join(SIZE_FIELDS)}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"override {key} must be an integer, got {value!r}")
+        if key in POSITIVE_FIELDS and value <= 0:
+            raise ConfigError(f"override {key} must be positive, got {value}")
+        out[key] = value
+    return dict(sorted(out.items()))
+
+
+def _overrides_text(sizes: dict) -> str | None:
+    return ";".join(f"{k}={v}" for k, v in sizes.items()) or None
 
 
 def _digest(value) -> str:
@@ -128,9 +160,12 @@ def entry_problem(entry: Path, key: dict) -> str | None:
 
 
 def _write_manifest(entry: Path, key: dict, lib_names: list[str], weights: bool, extra: dict) -> None:
-    files = {n: {"size": (entry / n).stat().st_size, "md5": _file_md5(entry / n)} for n in lib_names}
+    names = list(lib_names)
     if weights:
-        files.update({n: {"size": (entry / n).stat().st_size} for n in (CHAT_CONFIG, "tensor-cache.json")})
+        tokenizer = json.loads((entry / CHAT_CONFIG).read_text()).get("tokenizer_files") or []
+        names += [CHAT_CONFIG, "tensor-cache.json", *(n for n in tokenizer if (entry / n).is_file())]
+    # the shards have their md5 in tensor-cache.json; every other file has it here
+    files = {n: {"size": (entry / n).stat().st_size, "md5": _file_md5(entry / n)} for n in dict.fromkeys(names)}
     manifest = {"key": key, "files": files, "weights": weights, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "kiln_version": __version__, **extra}
     (entry / MANIFEST).write_text(json.dumps(manifest, indent=2))  # written last: marks the entry complete
@@ -153,7 +188,7 @@ def _install(staging: Path, entry: Path) -> None:
 
 # ------------------------------------------------------------------------------- building
 def _build_checkpoint_entry(source: Path, entry: Path, key: dict, quantization: str, backend, opts: str | None,
-                            show_progress) -> None:
+                            show_progress, sizes: dict) -> None:
     from .compile import compile_model
     from .convert_weight import convert_weight
     from .gen_config import gen_config
@@ -164,7 +199,8 @@ def _build_checkpoint_entry(source: Path, entry: Path, key: dict, quantization: 
         started = time.time()
         log.info("Converting %s to %s (first use; cached in %s)", source, quantization, entry)
         convert_weight(source, quantization, staging, show_progress=show_progress, overwrite=True)
-        gen_config(source, quantization, staging, max_batch_size=JIT_MAX_BATCH)
+        batch = {} if "max_batch_size" in sizes else {"max_batch_size": JIT_MAX_BATCH}
+        gen_config(source, quantization, staging, overrides=_overrides_text(sizes), **batch)
         lib_name = f"lib-{backend.name}{backend.lib_suffix}"
         log.info("Compiling the model library for %s", backend.name)
         compile_model(staging, backend.name, staging / lib_name, opt=opts)
@@ -176,7 +212,7 @@ def _build_checkpoint_entry(source: Path, entry: Path, key: dict, quantization: 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _build_library_entry(model_dir: Path, entry: Path, key: dict, backend, opts: str | None) -> None:
+def _build_library_entry(model_dir: Path, entry: Path, key: dict, backend, opts: str | None, sizes: dict) -> None:
     from .compile import compile_model
 
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +220,7 @@ def _build_library_entry(model_dir: Path, entry: Path, key: dict, backend, opts:
     try:
         lib_name = f"lib-{backend.name}{backend.lib_suffix}"
         log.info("Compiling a model library for %s on %s (first use; cached in %s)", model_dir, backend.name, entry)
-        compile_model(model_dir, backend.name, staging / lib_name, opt=opts)
+        compile_model(model_dir, backend.name, staging / lib_name, opt=opts, overrides=_overrides_text(sizes))
         _write_manifest(staging, key, [lib_name], weights=False,
                         extra={"source": str(model_dir), "device": backend.name})
         _install(staging, entry)
@@ -208,8 +244,12 @@ def _cached(entry: Path, key: dict, build) -> bool:
 
 
 def prepare(model, model_lib=None, device: str = "auto", quantization: str | None = None,
-            opts: str | None = None, show_progress: bool | None = None) -> Prepared:
-    """Resolve a model reference to a model directory and a library, building what is missing."""
+            opts: str | None = None, show_progress: bool | None = None, overrides=None) -> Prepared:
+    """Resolve a model reference to a model directory and a library, building what is missing.
+
+    ``overrides`` (see :func:`normalize_overrides`) are compiled into the library that is built;
+    a library given as ``model_lib`` is used as it was built."""
+    sizes = normalize_overrides(overrides)  # a mistake fails before any work
     registry = get_registry()
     source = resolve_source(model, registry, runtime=True)
     name = _name_of(source, model)
@@ -230,16 +270,21 @@ def prepare(model, model_lib=None, device: str = "auto", quantization: str | Non
         config_text = (source / CHAT_CONFIG).read_text()
         key = {"kind": "library", "config": hashlib.sha256(config_text.encode()).hexdigest(),
                "model": str(source.resolve()), "target": target, "opts": opts or "", "kiln": __version__}
+        if sizes:  # absent without overrides: entries built before overrides existed keep their key
+            key["overrides"] = sizes
         entry = home / "libs" / f"{name}-{_digest(key)}"
-        built = _cached(entry, key, lambda: _build_library_entry(source, entry, key, backend, opts))
+        built = _cached(entry, key, lambda: _build_library_entry(source, entry, key, backend, opts, sizes))
         return Prepared(source, entry / f"lib-{backend.name}{backend.lib_suffix}", name, built)
 
     quant = quantization or DEFAULT_QUANTIZATION.get(backend.name, FALLBACK_QUANTIZATION)
     registry.quantization(quant)  # an unknown name fails before any work
     key = {"kind": "model", "source": fingerprint(source), "quantization": quant, "target": target,
            "opts": opts or "", "kiln": __version__}
+    if sizes:
+        key["overrides"] = sizes
     entry = home / "models" / f"{name}-{quant}-{_digest(key)}"
-    built = _cached(entry, key, lambda: _build_checkpoint_entry(source, entry, key, quant, backend, opts, show_progress))
+    built = _cached(entry, key, lambda: _build_checkpoint_entry(source, entry, key, quant, backend, opts, show_progress,
+                                                                sizes))
     lib = Path(model_lib).expanduser() if model_lib else entry / f"lib-{backend.name}{backend.lib_suffix}"
     return Prepared(entry, lib, name, built)
 

@@ -34,6 +34,9 @@ class GenerationConfig:
 class ChatModule:
     """``ChatModule(model, model_lib_path=None, device="auto")``: chat with a compiled model.
 
+    Other keyword arguments go to :class:`~kiln.Engine` (``max_total_tokens``,
+    ``context_window_size``, ``overrides``, ``quantization``, ...).
+
     The conversation is kept between ``generate`` calls; the engine's prefix cache reuses the
     KV cache of earlier turns, so only the new turn is computed.
     """

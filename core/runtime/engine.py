@@ -120,12 +120,17 @@ class Engine:
     """An OpenAI-style engine over one compiled model.
 
     ``Engine(model, model_lib=None, device="auto", max_batch_size=None, max_total_tokens=None,
-    context_window_size=None, prefill_chunk_size=None, prefix_cache=True, quantization=None)``.
+    context_window_size=None, prefill_chunk_size=None, prefix_cache=True, quantization=None,
+    overrides=None)``.
     ``front_end`` (``engine``, ``chat_module``, ``chat``, ``serve``) only picks the words of the
     load log's "to reduce memory" hint.
     ``model`` is a kiln model directory, a Hugging Face checkpoint directory, a ``.gguf`` file or
     a packaged model name (``smollm2``); what is not yet converted or compiled is built once into
-    the cache (``quantization`` picks the scheme then; default: the device's).
+    the cache (``quantization`` picks the scheme then; default: the device's).  ``overrides``
+    (``"context_window_size=4096;prefill_chunk_size=512"`` or a dict; also ``max_batch_size``,
+    ``sliding_window_size``) are compiled into the library, a cache entry of its own, and are
+    the engine's limits unless the arguments of the same names say otherwise; a library given
+    as ``model_lib`` cannot grow beyond what it was built for.
     """
 
     def __init__(
@@ -140,15 +145,27 @@ class Engine:
         prefill_chunk_size: int | None = None,
         prefix_cache: bool = True,
         quantization: str | None = None,
+        overrides: str | dict | None = None,
         front_end: str = "engine",
     ):
+        from ..pipeline.jit import normalize_overrides
         from .conversation import Conversation
         from .model import LoadedModel
         from .references import resolve_model
         from .tokenizer import Tokenizer
 
-        prepared = resolve_model(model, model_lib, device, quantization)
+        sizes = normalize_overrides(overrides)
+        prepared = resolve_model(model, model_lib, device, quantization, sizes)
         self.model = LoadedModel(prepared.model_dir, prepared.lib, device)
+        for key in ("context_window_size", "prefill_chunk_size", "max_batch_size"):
+            built_for = getattr(self.model, key)
+            if sizes.get(key, 0) > built_for:
+                log.warning("overrides ask for %s=%d, but the model library %s was built for %d: using %d "
+                            "(without a given library kiln compiles one with the overrides)",
+                            key, sizes[key], self.model.lib_path, built_for, built_for)
+        context_window_size = context_window_size or sizes.get("context_window_size")
+        prefill_chunk_size = prefill_chunk_size or sizes.get("prefill_chunk_size")
+        max_batch_size = max_batch_size or sizes.get("max_batch_size")
         self.model_name = prepared.name
         cfg = self.model.chat_config
         self.chat_config = cfg

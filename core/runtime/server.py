@@ -895,6 +895,7 @@ def serve(
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     access_log: bool = True,
     quantization: str | None = None,
+    overrides: str | None = None,
 ) -> int:
     """Load ``model`` and serve it until SIGINT/SIGTERM; returns 0 after a clean shutdown."""
     import uvicorn
@@ -911,6 +912,8 @@ def serve(
                             max_queue=max_queue, max_body_bytes=max_body_bytes, shutdown_grace=shutdown_grace)
 
     extra = {"quantization": quantization} if quantization else {}
+    if overrides:
+        extra["overrides"] = overrides
     engine = _ServingEngine(model, model_lib, device, metrics=Metrics(), max_batch_size=max_batch_size,
                             max_total_tokens=max_total_tokens, context_window_size=context_window_size,
                             prefix_cache=prefix_cache, front_end="serve", **extra)
