@@ -1,7 +1,7 @@
 """Engine throughput: single-request prefill/decode speed and aggregate decode throughput of
 1, 4 and 8 concurrent requests (continuous batching) on one model.
 
-Usage:  python bench/engine.py MODEL [--model-lib LIB] [--prompt-tokens 100] [--gen-tokens 128]
+Usage:  python bench/engine.py MODEL [--model-lib LIB] [--device auto] [--prompt-tokens 100] [--gen-tokens 128]
 MODEL is anything ``kiln.Engine`` accepts (a kiln model directory, ...).  Greedy decoding with
 ``ignore_eos`` so every request generates exactly --gen-tokens tokens.
 """
@@ -16,13 +16,14 @@ import time
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--model-lib", default=None)
-    ap.add_argument("--prompt-tokens", type=int, default=100)
-    ap.add_argument("--gen-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--concurrency", default="1,4,8")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="Packaged model name, .gguf file, checkpoint or kiln model directory.")
+    ap.add_argument("--model-lib", default=None, help="Compiled model library (default: compiled and cached).")
+    ap.add_argument("--device", default="auto", help="Device to run on: auto (the best one present), cpu, cuda, ...")
+    ap.add_argument("--prompt-tokens", type=int, default=100, help="Prompt length (random token ids).")
+    ap.add_argument("--gen-tokens", type=int, default=128, help="Tokens each request generates.")
+    ap.add_argument("--runs", type=int, default=3, help="Runs per figure (the median is shown).")
+    ap.add_argument("--concurrency", default="1,4,8", help="Concurrent request counts, comma-separated.")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -30,7 +31,7 @@ def main(argv=None):
     from kiln import Engine
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = Engine(args.model, args.model_lib, max_batch_size=max(levels), prefix_cache=False)
+    engine = Engine(args.model, args.model_lib, args.device, max_batch_size=max(levels), prefix_cache=False)
     vocab = engine.model.vocab_size
     rng = np.random.default_rng(0)
 
@@ -57,7 +58,8 @@ def main(argv=None):
         ttft.append(t)
         decode.append(d)
     prefill = [args.prompt_tokens / t for t in ttft]
-    print(f"model: {engine.model_name}  ({engine.model.metadata['quantization']}, {engine.model.metadata['target']})")
+    print(f"model: {engine.model_name}  ({engine.model.metadata['quantization']}, device {engine.model.device}, "
+          f"{engine.model.metadata['target']})")
     print(f"single request, {args.prompt_tokens}-token prompt, {args.gen_tokens} generated (median of {args.runs}):")
     print(f"  prefill {statistics.median(prefill):8.1f} tok/s   time to first token {statistics.median(ttft) * 1e3:.1f} ms")
     print(f"  decode  {statistics.median(decode):8.1f} tok/s")

@@ -177,13 +177,15 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str, object]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the whole docstring: its first line alone stopped mid-sentence
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", help="Start `kiln serve MODEL` on 127.0.0.1 (anything `kiln serve` accepts).")
     where.add_argument("--url", help="Use a server already running on this machine, e.g. http://127.0.0.1:8000.")
-    ap.add_argument("--model-lib", default=None)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"))
+    ap.add_argument("--model-lib", default=None, help="Compiled model library (with --model).")
+    ap.add_argument("--device", default="auto", help="Device the started server runs on (with --model).")
+    ap.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"), help="API key of the server "
+                    "(default: $KILN_API_KEY).")
     ap.add_argument("--concurrency", default="1,8,32", help="Client counts, comma-separated.")
     ap.add_argument("--requests", type=int, default=None, help="Requests per level (default: 2 x clients, >= 8).")
     ap.add_argument("--max-tokens", type=int, default=64, help="Tokens each request generates.")

@@ -396,3 +396,22 @@ def test_load_logs_the_device_and_the_memory_estimate(built, caplog):
     # the hint names what the Python API takes, not command-line options
     assert ("KV cache: 512 tokens for up to 4 sequences, context window 256. To reduce memory, lower Engine's "
             "max_total_tokens, max_batch_size or context_window_size.") in text
+
+
+def test_bench_engine_runs_on_the_device_asked_for(built):
+    """bench/engine.py takes --device (and --help describes the script in full)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "engine.py"
+    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300).stdout
+    assert "--device" in help_ and "on one model." in help_
+    res = subprocess.run([sys.executable, script, built.model_dir, "--model-lib", built.lib, "--device", "cpu",
+                          "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1", "--concurrency", "1,2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "device cpu:0" in res.stdout and "2 concurrent: aggregate" in res.stdout
+    bad = subprocess.run([sys.executable, script, built.model_dir, "--model-lib", built.lib, "--device", "nosuch"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "nosuch" in bad.stderr

@@ -769,6 +769,16 @@ def test_sigint_cancels_what_outlives_the_grace_period_and_exits_0(slow_built, t
     assert "Traceback" not in srv.log()
 
 
+def test_load_benchmark_help_describes_it_in_full():
+    script = Path(__file__).resolve().parent.parent / "bench" / "serve_load.py"
+    res = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    assert ("Load on `kiln serve`: requests/s, aggregate generated tokens/s, and p50/p95 time to first token (TTFT) "
+            "and inter-token latency (ITL) seen by 1, 8 and 32 concurrent streaming clients.") in text
+    assert "Loopback only" in text and "--api-key" in text
+
+
 def test_kiln_serve_command_line_errors(built, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "kiln.cli", "serve", *map(str, args)], capture_output=True,
