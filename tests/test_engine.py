@@ -415,3 +415,15 @@ def test_bench_engine_runs_on_the_device_asked_for(built):
     bad = subprocess.run([sys.executable, script, built.model_dir, "--model-lib", built.lib, "--device", "nosuch"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "nosuch" in bad.stderr
+
+
+def test_overrides_with_a_given_library_are_limits_within_it(built, caplog):
+    caplog.set_level(logging.INFO, logger="kiln")
+    with Engine(built.model_dir, built.lib, overrides="context_window_size=128;max_batch_size=2") as eng:
+        assert (eng.context_window_size, eng.max_batch_size) == (128, 2)
+        assert eng.model.lib_path == built.lib  # no library was compiled for them
+    assert "overrides ask for" not in caplog.text
+    with Engine(built.model_dir, built.lib, overrides={"context_window_size": 512}) as eng:
+        assert eng.context_window_size == 256
+    assert (f"overrides ask for context_window_size=512, but the model library {built.lib} was built for 256: "
+            "using 256") in caplog.text
