@@ -110,6 +110,56 @@ def test_size_overrides_are_part_of_the_cache_key(home, checkpoint):
     assert len(list((home / "models").iterdir())) == 3  # the engine reused the entry
 
 
+def test_a_change_in_kiln_or_plugin_code_gets_a_new_entry(home, checkpoint, monkeypatch):
+    """Libraries built by other code (a kiln upgrade, an edited editable install, new kernels in
+    a backend plugin) are never reused: the key holds a digest of the source of kiln and of the
+    loaded plugins."""
+    import kiln.pipeline.jit as jit
+    from kiln.registry import get_registry
+
+    digest = jit.code_fingerprint(get_registry())
+    assert re.fullmatch(r"[0-9a-f]{16}", digest)
+    first = prepare(checkpoint, quantization="q0f32")
+    assert json.loads((first.model_dir / MANIFEST).read_text())["key"]["code"] == digest
+    monkeypatch.setattr(jit, "_code_digest", "0" * 16)  # as if a plugin's kernels had changed
+    changed = prepare(checkpoint, quantization="q0f32")
+    assert changed.built and changed.model_dir != first.model_dir
+
+
+def test_a_build_killed_halfway_leaves_nothing_the_next_build_keeps(home, checkpoint):
+    """A process killed while building (SIGKILL: no cleanup runs) leaves its staging directory;
+    the next build of that entry removes it, and never loads it."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        import kiln.pipeline.compile as compile
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        compile.compile_model = killed
+        from kiln.pipeline.jit import prepare
+        prepare({str(checkpoint)!r}, quantization="q0f32")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "KILN_HOME": str(home)})
+    assert res.returncode == -9
+    left = [p for p in (home / "models").iterdir() if ".partial-" in p.name]
+    assert len(left) == 1 and (left[0] / "tensor-cache.json").is_file()  # converted, never compiled
+    built = prepare(checkpoint, quantization="q0f32")
+    assert built.built
+    assert [p.name for p in (home / "models").iterdir()] == [built.model_dir.name]
+
+
+def test_a_model_directory_with_a_non_utf8_config_is_a_one_line_error(home, kiln_build, checkpoint, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(kiln_build(checkpoint).model_dir, model)
+    (model / "mlc-chat-config.json").write_bytes(b'{"model_type": "ll\xffama"}')
+    res = subprocess.run([sys.executable, "-m", "kiln.cli", "chat", str(model), "--prompt", "hi"],
+                         capture_output=True, text=True, env={**os.environ, "KILN_HOME": str(home)})
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "it is not UTF-8 text" in res.stderr and "internal error" not in res.stderr
+
+
 @pytest.mark.parametrize("overrides,error", [
     ("num_hidden_layers=1", "unknown override 'num_hidden_layers'; valid: context_window_size, prefill_chunk_size, "
                             "max_batch_size, sliding_window_size"),

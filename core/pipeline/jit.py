@@ -7,9 +7,10 @@ weights, the config, the library) is built once into ``$KILN_HOME`` (default
 
 * ``models/<name>-<quantization>-<key>/``: weights, ``mlc-chat-config.json``, tokenizer and
   ``lib-<device>.so`` of a checkpoint, keyed by the source (path, size, modification time),
-  quantization, size overrides, target and kiln version;
+  quantization, size overrides, target, kiln version and a digest of the source code of kiln
+  and its loaded plugins (:func:`code_fingerprint`: new kernels never reuse old libraries);
 * ``libs/<name>-<key>.so``: a library compiled for a kiln model directory that came without one
-  (or with size overrides), keyed by its config, overrides, target and kiln version.
+  (or with size overrides), keyed by its config, overrides, target, kiln version and code.
 
 Size overrides (``context_window_size``, ``prefill_chunk_size``, ``max_batch_size``,
 ``sliding_window_size``; ``"k=v;k=v"`` or a dict) are compiled into the library; each distinct
@@ -19,7 +20,8 @@ An entry is complete only when its manifest (``kiln-cache.json``) is there and e
 matches it (sizes; the md5 of the library, the config, the weight index and the tokenizer
 files; the weight shards' md5); anything else is rebuilt.
 Builds happen in a staging directory under a per-entry file lock, so two processes asking
-for the same model at once build it once and never see half of it.
+for the same model at once build it once and never see half of it; a staging directory left by
+a killed build is removed by the next build of that entry.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from .. import __version__
 from ..errors import CheckpointError, ConfigError, KilnError, UnknownNameError, did_you_mean
 from ..registry import get_registry
 from ..sources import resolve_source
-from .gen_config import CHAT_CONFIG
+from .gen_config import CHAT_CONFIG, read_chat_config
+from .output import staging_prefix, sweep_stale_staging
 
 log = logging.getLogger("kiln")
 
@@ -126,6 +129,34 @@ def fingerprint(path: Path) -> dict:
     return {"path": str(path), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
 
+_code_digest: str | None = None
+
+
+def code_fingerprint(registry) -> str:
+    """A digest of the Python source of kiln and of every loaded plugin: what decides how a model
+    is converted and compiled.  An upgrade or an edit (an editable install, a new schedule) gets
+    new cache entries instead of libraries built by the old code."""
+    global _code_digest
+    if _code_digest is None:
+        import importlib.util
+
+        roots = {Path(__file__).resolve().parents[1]}  # the kiln package
+        for info in registry.plugins.values():
+            if info.status != "loaded" or not info.module:
+                continue
+            spec = importlib.util.find_spec(info.module.split(".")[0])
+            origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+            if origin is not None:
+                roots.add(origin.parent if origin.name == "__init__.py" else origin)
+        digest = hashlib.sha256()
+        for root in sorted(roots):
+            for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+                digest.update(str(path.relative_to(root.parent)).encode())
+                digest.update(path.read_bytes())
+        _code_digest = digest.hexdigest()[:16]
+    return _code_digest
+
+
 def _name_of(path: Path, ref) -> str:
     name = str(ref) if not Path(ref).expanduser().exists() else (path.stem if path.is_file() else path.name)
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:60] or "model"
@@ -187,14 +218,21 @@ def _install(staging: Path, entry: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- building
+def _new_staging(entry: Path) -> Path:
+    """A staging directory for ``entry`` named after this process, after removing those that
+    processes killed while building left behind (called under the entry's lock)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_staging(entry)
+    return Path(tempfile.mkdtemp(prefix=staging_prefix(entry), dir=entry.parent))
+
+
 def _build_checkpoint_entry(source: Path, entry: Path, key: dict, quantization: str, backend, opts: str | None,
                             show_progress, sizes: dict) -> None:
     from .compile import compile_model
     from .convert_weight import convert_weight
     from .gen_config import gen_config
 
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.partial-", dir=entry.parent))
+    staging = _new_staging(entry)
     try:
         started = time.time()
         log.info("Converting %s to %s (first use; cached in %s)", source, quantization, entry)
@@ -215,8 +253,7 @@ def _build_checkpoint_entry(source: Path, entry: Path, key: dict, quantization: 
 def _build_library_entry(model_dir: Path, entry: Path, key: dict, backend, opts: str | None, sizes: dict) -> None:
     from .compile import compile_model
 
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.partial-", dir=entry.parent))
+    staging = _new_staging(entry)
     try:
         lib_name = f"lib-{backend.name}{backend.lib_suffix}"
         log.info("Compiling a model library for %s on %s (first use; cached in %s)", model_dir, backend.name, entry)
@@ -258,18 +295,17 @@ def prepare(model, model_lib=None, device: str = "auto", quantization: str | Non
 
     target = str(make_target(backend, parse_opts(opts, backend)))
     home = kiln_home()
-    # a new version of the plugin that lowers the model (its schedules) must not reuse old libraries
-    plugin = registry.plugins.get(registry.owner("backends", backend.name))
-    target += f" [{plugin.distribution} {plugin.version}]" if plugin is not None else ""
+    code = code_fingerprint(registry)  # new kernels or schedules must not reuse old libraries
 
     if source.is_dir() and (source / CHAT_CONFIG).is_file():  # a kiln model directory
         if quantization is not None:
             log.warning("ignoring quantization=%s: '%s' is already converted", quantization, model)
         if model_lib is not None:
             return Prepared(source, Path(model_lib).expanduser(), name)
-        config_text = (source / CHAT_CONFIG).read_text()
-        key = {"kind": "library", "config": hashlib.sha256(config_text.encode()).hexdigest(),
-               "model": str(source.resolve()), "target": target, "opts": opts or "", "kiln": __version__}
+        read_chat_config(source)  # a broken config is a one-line error here, not later
+        key = {"kind": "library", "config": hashlib.sha256((source / CHAT_CONFIG).read_bytes()).hexdigest(),
+               "model": str(source.resolve()), "target": target, "opts": opts or "", "kiln": __version__,
+               "code": code}
         if sizes:  # absent without overrides: entries built before overrides existed keep their key
             key["overrides"] = sizes
         entry = home / "libs" / f"{name}-{_digest(key)}"
@@ -279,7 +315,7 @@ def prepare(model, model_lib=None, device: str = "auto", quantization: str | Non
     quant = quantization or DEFAULT_QUANTIZATION.get(backend.name, FALLBACK_QUANTIZATION)
     registry.quantization(quant)  # an unknown name fails before any work
     key = {"kind": "model", "source": fingerprint(source), "quantization": quant, "target": target,
-           "opts": opts or "", "kiln": __version__}
+           "opts": opts or "", "kiln": __version__, "code": code}
     if sizes:
         key["overrides"] = sizes
     entry = home / "models" / f"{name}-{quant}-{_digest(key)}"
