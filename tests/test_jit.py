@@ -121,9 +121,12 @@ def test_a_change_in_kiln_or_plugin_code_gets_a_new_entry(home, checkpoint, monk
     assert re.fullmatch(r"[0-9a-f]{16}", digest)
     first = prepare(checkpoint, quantization="q0f32")
     assert json.loads((first.model_dir / MANIFEST).read_text())["key"]["code"] == digest
+    other = prepare(checkpoint, quantization="q4f32_2")  # other inputs: kept
     monkeypatch.setattr(jit, "_code_digest", "0" * 16)  # as if a plugin's kernels had changed
     changed = prepare(checkpoint, quantization="q0f32")
     assert changed.built and changed.model_dir != first.model_dir
+    # the entry the old code built from the same inputs is gone; the other quantization stays
+    assert sorted(p.name for p in (home / "models").iterdir()) == sorted([changed.model_dir.name, other.model_dir.name])
 
 
 def test_a_build_killed_halfway_leaves_nothing_the_next_build_keeps(home, checkpoint):

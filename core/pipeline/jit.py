@@ -21,7 +21,8 @@ matches it (sizes; the md5 of the library, the config, the weight index and the 
 files; the weight shards' md5); anything else is rebuilt.
 Builds happen in a staging directory under a per-entry file lock, so two processes asking
 for the same model at once build it once and never see half of it; a staging directory left by
-a killed build is removed by the next build of that entry.
+a killed build is removed by the next build of that entry, and an entry that other code built
+from the same inputs (before an upgrade) is removed when its replacement is built.
 """
 
 from __future__ import annotations
@@ -277,7 +278,34 @@ def _cached(entry: Path, key: dict, build) -> bool:
         if entry.exists():
             log.warning("cache entry %s is unusable (%s); rebuilding it", entry, problem)
         build()
-        return True
+    _remove_superseded(entry, key)
+    return True
+
+
+_CODE_FIELDS = ("code", "kiln")
+
+
+def _remove_superseded(entry: Path, key: dict) -> None:
+    """Delete entries that an upgrade or a code change replaced: same inputs as ``key``, other
+    code.  They would never be used again, and each is a whole converted model."""
+    same = {k: v for k, v in key.items() if k not in _CODE_FIELDS}
+    for other in entry.parent.iterdir():
+        if other == entry or not other.is_dir() or other.name.startswith("."):
+            continue
+        try:
+            old = json.loads((other / MANIFEST).read_text()).get("key", {})
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in old.items() if k not in _CODE_FIELDS} != same:
+            continue
+        from filelock import Timeout
+
+        try:
+            with _lock(other).acquire(timeout=0):  # being built by another process: leave it
+                shutil.rmtree(other, ignore_errors=True)
+                log.info("removed %s, built by an older kiln or plugin", other.name)
+        except Timeout:
+            pass
 
 
 def prepare(model, model_lib=None, device: str = "auto", quantization: str | None = None,
