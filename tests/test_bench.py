@@ -15,19 +15,8 @@ from kiln.cli import main
 from kiln.runtime.bench import BenchResult, make_prompts, measure, open_engine, run_bench
 from kiln.testing import make_hf_checkpoint, write_byte_tokenizer
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 260,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "bos_token_id": 256,
-    "eos_token_id": 257,
-}
+from test_engine import CONFIG  # the suite's tiny Llama
+
 CONTEXT = 64
 MAX_BATCH = 4
 
