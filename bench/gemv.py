@@ -1,8 +1,9 @@
 """Scheduled vs unscheduled CPU kernels: kiln's projection kernels on one weight matrix.
 
 Builds the exact kernels kiln emits for a linear layer (float32 ``matmul`` and 4-bit
-``q_matmul`` with fused dequantization), once unscheduled and once with the CPU backend's
-schedule rules, checks both against numpy, and prints time, effective weight bandwidth and the
+``q_matmul`` with fused dequantization, MLC's symmetric layout), once unscheduled and once the
+way the CPU backend compiles them (its hand-written kernel where one applies, else its schedule
+rules), checks both against numpy, and prints time, effective weight bandwidth and the
 speed-up.  Usage:  python bench/gemv.py [--n 4096] [--k 4096] [--m 1] [--threads N]
 """
 
@@ -34,6 +35,7 @@ def main(argv=None):
     from kiln.quantization import GroupQuant, dequantize_groups
     from kiln.quantization.layers import q_dense
     from kiln_backends.cpu import host_target
+    from kiln_backends.cpu_kernels import replace_decode_kernels
     from kiln_backends.cpu_schedules import schedule_pass
 
     target = tvm.target.Target(host_target({}))
@@ -46,7 +48,8 @@ def main(argv=None):
     q = scheme.quantize_weight(w, "w.weight")
     qw, qs = q["w.q_weight"], q["w.q_scale"]
 
-    X = te.placeholder((m, 1, k), "float32", name="x")
+    batch = tvm.tirx.Var("batch", "int64")  # symbolic, as in a compiled decode step
+    X = te.placeholder((batch, 1, k), "float32", name="x")
     cases = {
         "f32 matmul": (
             lambda: te.create_prim_func([X, W := te.placeholder((n, k), "float32", name="w"), dense(X, W)]),
@@ -65,11 +68,14 @@ def main(argv=None):
     for name, (make, inputs, ref, nbytes) in cases.items():
         times = []
         for scheduled in (False, True):
-            mod = tvm.IRModule({"main": make()})
+            func = "q_matmul" if name.startswith("q4") else "matmul"  # the names kiln's layers give them
+            mod = tvm.IRModule({func: make().with_attr("global_symbol", "main")})
             if scheduled:
                 with target:
+                    mod = replace_decode_kernels(target)(mod)
+                    mod[func] = mod[func].with_attr("global_symbol", "main")  # the kernels are private
                     mod = schedule_pass(target)(mod)
-                assert "tirx.is_scheduled" in mod["main"].attrs, "schedule rule did not apply"
+                assert "tirx.is_scheduled" in mod[func].attrs, "neither a kernel nor a schedule rule applied"
             lib = tvm.compile(mod, target)
             a = [tvm.runtime.tensor(v, dev) for v in inputs]
             out = tvm.runtime.empty(ref.shape, "float32", dev)
