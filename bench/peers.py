@@ -442,6 +442,8 @@ def main(argv=None):
         from kiln.testing import smollm2_gguf
 
         gguf = smollm2_gguf()
+    if not gguf.is_file():
+        ap.error(f"GGUF file '{gguf}' does not exist")
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
     skipped: dict[str, str] = {}

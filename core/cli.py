@@ -217,13 +217,16 @@ def bench_cmd(
     batch: int = typer.Option(1, "--batch", help="Requests B submitted at the same time."),
     runs: int = typer.Option(3, "--runs", help="Measured runs R (after one warm-up run)."),
     profile: bool = typer.Option(False, "--profile", help="Also print a per-kernel time table of one decode step."),
+    overrides: Optional[str] = typer.Option(
+        None, "--overrides", help='Sizes compiled into the model library, as for chat and serve '
+                                  '(e.g. "max_batch_size=64" for --batch 64).'),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     from .runtime.bench import bench, check_args
 
     check_args(prompt_tokens, gen_tokens, batch, runs)
     result = bench(model, model_lib, device, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, batch=batch,
-                   runs=runs, profile=profile, quantization=quantization)
+                   runs=runs, profile=profile, quantization=quantization, overrides=overrides)
     typer.echo(result.to_json() if as_json else result.format())
 
 
@@ -244,15 +247,19 @@ def cache_list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSO
     typer.echo(f"{kiln_home()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
         state = "" if e["complete"] else "  [incomplete: rebuilt on next use]"
+        state = "  [stale: built by other kiln code, never loaded; `kiln cache clear --stale`]" if e["stale"] else state
         typer.echo(f"  {Path(e['path']).name}  {e['size'] / 1e6:.1f} MB  {e['device']}  {e['source']}{state}")
 
 
 @cache_app.command("clear")
-def cache_clear_cmd(entries: Optional[list[str]] = typer.Argument(None, help="Entries to remove (default: all).")):
-    """Remove cached models and libraries (all, or the named entries)."""
+def cache_clear_cmd(
+    entries: Optional[list[str]] = typer.Argument(None, help="Entries to remove (default: all)."),
+    stale: bool = typer.Option(False, "--stale", help="Only entries built by other kiln code (before an upgrade)."),
+):
+    """Remove cached models and libraries (all, the named entries, or the stale ones)."""
     from .pipeline.jit import clear
 
-    removed = clear(entries)
+    removed = clear(entries, stale=stale)
     typer.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
 
 
@@ -292,9 +299,11 @@ def _register_plugin_commands():
         info = registry.plugins.get(impl.plugin_name)
         if info is not None and info.status != "loaded":
             continue
+        before = (len(app.registered_commands), len(app.registered_groups))
         try:  # one plugin's broken command must not take the CLI (and `kiln plugins`) down
             impl.function(app=app)
         except Exception as exc:  # noqa: BLE001 - isolate a broken plugin
+            del app.registered_commands[before[0]:], app.registered_groups[before[1]:]  # none of its commands stay
             registry._fail(impl.plugin_name, f"register_commands raised {type(exc).__name__}: {exc}")
             log.warning("plugin '%s' failed to register its commands: %s (see `kiln plugins`)", impl.plugin_name, exc)
 

@@ -117,12 +117,22 @@ def test_prompts_are_reproducible_and_in_the_vocabulary():
      f"error: --prompt-tokens 60 + --gen-tokens 10 = 70 tokens exceed the context window of {CONTEXT} tokens"),
     (["--batch", MAX_BATCH + 1], 2,
      f"error: --batch {MAX_BATCH + 1} is more than the engine allows ({MAX_BATCH}: the model library's "
-     f"max_batch_size); recompile with --overrides max_batch_size={MAX_BATCH + 1}"),
+     f"max_batch_size); add --overrides max_batch_size={MAX_BATCH + 1}"),
 ])
 def test_bad_numbers(built, capsys, args, code, message):
     got, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, *args)
     assert got == code and out == ""
     assert err.strip().splitlines()[-1] == message
+
+
+def test_overrides_give_a_library_sized_for_the_batch(built, capsys, tmp_path, monkeypatch):
+    """The hint of the batch error works: --overrides compiles (and caches) a library with room
+    for the batch."""
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    code, out, err = kiln(capsys, built.model_dir, "--batch", MAX_BATCH + 2, "--overrides", f"max_batch_size={MAX_BATCH + 2}",
+                          "--prompt-tokens", 8, "--gen-tokens", 4, "--runs", 1, "--json")
+    assert code == 0, err
+    assert json.loads(out)["batch"] == MAX_BATCH + 2
 
 
 def test_errors_from_the_command_line(built, tmp_path):

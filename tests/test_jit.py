@@ -121,12 +121,23 @@ def test_a_change_in_kiln_or_plugin_code_gets_a_new_entry(home, checkpoint, monk
     assert re.fullmatch(r"[0-9a-f]{16}", digest)
     first = prepare(checkpoint, quantization="q0f32")
     assert json.loads((first.model_dir / MANIFEST).read_text())["key"]["code"] == digest
-    other = prepare(checkpoint, quantization="q4f32_2")  # other inputs: kept
     monkeypatch.setattr(jit, "_code_digest", "0" * 16)  # as if a plugin's kernels had changed
     changed = prepare(checkpoint, quantization="q0f32")
     assert changed.built and changed.model_dir != first.model_dir
-    # the entry the old code built from the same inputs is gone; the other quantization stays
-    assert sorted(p.name for p in (home / "models").iterdir()) == sorted([changed.model_dir.name, other.model_dir.name])
+    # the old entry is left alone (another install sharing the cache may use it), marked stale
+    assert {e["path"]: e["stale"] for e in jit.list_entries()} == {str(first.model_dir): True,
+                                                                  str(changed.model_dir): False}
+    assert jit.clear(stale=True) == 1
+    assert [p.name for p in (home / "models").iterdir()] == [changed.model_dir.name]
+
+
+def test_editing_the_runtime_does_not_invalidate_the_cache():
+    """Only the code that converts and compiles is in the key: the server, the engine, the CLI
+    change nothing a cached library holds."""
+    import kiln.pipeline.jit as jit
+
+    assert "runtime" not in jit._BUILD_CODE and "cli.py" not in jit._BUILD_CODE
+    assert {"pipeline", "quantization", "sources", "modeling.py"} <= set(jit._BUILD_CODE)
 
 
 def test_a_build_killed_halfway_leaves_nothing_the_next_build_keeps(home, checkpoint):
@@ -164,8 +175,8 @@ def test_a_model_directory_with_a_non_utf8_config_is_a_one_line_error(home, kiln
 
 
 @pytest.mark.parametrize("overrides,error", [
-    ("num_hidden_layers=1", "unknown override 'num_hidden_layers'; valid: context_window_size, prefill_chunk_size, "
-                            "max_batch_size, sliding_window_size"),
+    ("num_hidden_layers=1", "cannot override 'num_hidden_layers'; the sizes that can be overridden: "
+                            "context_window_size, prefill_chunk_size, max_batch_size, sliding_window_size"),
     ("context_window_sise=64", "did you mean 'context_window_size'"),
     ("context_window_size=0", "override context_window_size must be positive, got 0"),
     ("max_batch_size=many", "override max_batch_size must be an integer, got 'many'"),
@@ -177,6 +188,15 @@ def test_bad_overrides_fail_before_any_work(home, checkpoint, overrides, error):
     with pytest.raises(KilnError, match=re.escape(error)):
         prepare(checkpoint, quantization="q0f32", overrides=overrides)
     assert not home.exists() or not (home / "models").exists()
+
+
+def test_a_checkpoint_with_its_own_library_and_overrides_builds_no_other_library(home, checkpoint):
+    """With a library given, overrides are limits within it: the cache converts the weights
+    once (the entry without overrides) and compiles nothing for the overrides."""
+    plain = prepare(checkpoint, quantization="q0f32")
+    given = prepare(checkpoint, quantization="q0f32", model_lib=plain.lib, overrides="context_window_size=64")
+    assert not given.built and given.model_dir == plain.model_dir and given.lib == plain.lib
+    assert len(list((home / "models").iterdir())) == 1
 
 
 def test_two_processes_building_the_same_model_build_it_once(home, checkpoint):
@@ -236,7 +256,7 @@ def test_kiln_chat_and_serve_take_overrides(home, checkpoint):
         res = run(command, checkpoint, "-q", "q0f32", "--overrides", "num_hidden_layers=1", "--prompt", "hi") \
             if command == "chat" else run(command, checkpoint, "-q", "q0f32", "--overrides", "num_hidden_layers=1")
         assert res.returncode != 0 and "Traceback" not in res.stderr
-        assert res.stderr.strip().splitlines()[-1].startswith("error: unknown override 'num_hidden_layers'")
+        assert res.stderr.strip().splitlines()[-1].startswith("error: cannot override 'num_hidden_layers'")
     assert list((home / "models").iterdir()) == [entry]
 
 

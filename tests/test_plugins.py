@@ -79,6 +79,10 @@ def test_a_plugin_whose_commands_fail_to_register_does_not_take_the_cli_down(tmp
 
         @hookimpl
         def register_commands(app):
+            @app.command("half-made")
+            def half_made():
+                print("should not exist")
+
             raise RuntimeError("no typer today")
     """)
     plugins = listing(tmp_path)
@@ -88,6 +92,8 @@ def test_a_plugin_whose_commands_fail_to_register_does_not_take_the_cli_down(tmp
     res = kiln(tmp_path, "--help")
     assert res.returncode == 0 and "convert_weight" in res.stdout
     assert "plugin 'kiln_badcmd' failed to register its commands: no typer today" in res.stderr
+    assert "half-made" not in res.stdout  # what it registered before failing is gone with it
+    assert kiln(tmp_path, "half-made").returncode != 0
 
 
 def test_a_misspelled_hook_fails_loudly(tmp_path):

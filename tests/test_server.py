@@ -568,7 +568,8 @@ def test_async_engine_streams_concurrent_requests_in_one_batch(built):
         assert first[0].choices[0].delta.role == "assistant"
         await chunks.aclose()
         assert await asyncio.get_running_loop().run_in_executor(None, engine.wait_idle, 60)
-        assert engine.kv_pages_in_use() == 0 and engine.stats.decode_tokens - decoded < 2 * 19 + 500
+        # cancelled at once: a few decode steps at most, not the hundreds the request asked for
+        assert engine.kv_pages_in_use() == 0 and engine.stats.decode_tokens - decoded - 2 * 19 < 20
 
     engine = AsyncEngine(built.model_dir, built.lib, prefix_cache=False)
     try:

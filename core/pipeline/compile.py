@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import __version__
-from ..errors import CompileError, UnknownNameError, UsageError, did_you_mean
+from ..errors import CompileError, ConfigError, UnknownNameError, UsageError, did_you_mean
 from ..registry import get_registry
 from .gen_config import read_chat_config
 from .model import apply_overrides, build_model, check_supported, parse_overrides, parse_value
@@ -46,16 +46,26 @@ def parse_opts(text: str | None, backend) -> dict[str, Any]:
     return opts
 
 
-def parse_size_overrides(text: str | None) -> dict[str, Any]:
-    """``compile --overrides``: only the fields that size the compiled model, never its shape."""
-    overrides = parse_overrides(text)
-    for key in overrides:
+def parse_size_overrides(overrides) -> dict[str, int]:
+    """Size overrides (``compile --overrides``, ``chat``/``serve --overrides``, ``Engine(overrides=)``)
+    as a sorted, checked dict: ``"context_window_size=1024;prefill_chunk_size=128"``, a mapping or
+    ``None``.  Only the fields that size the compiled model, never its shape."""
+    from .model import POSITIVE_FIELDS
+
+    if not overrides:
+        return {}
+    items = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+    for key, value in items.items():
         if key not in SIZE_FIELDS:
             raise UsageError(
-                f"compile --overrides cannot change '{key}'{did_you_mean(key, SIZE_FIELDS)}; allowed keys: "
+                f"cannot override '{key}'{did_you_mean(key, SIZE_FIELDS)}; the sizes that can be overridden: "
                 f"{', '.join(SIZE_FIELDS)} (other fields come from `kiln gen_config`)"
             )
-    return overrides
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"override {key} must be an integer, got {value!r}")
+        if key in POSITIVE_FIELDS and value <= 0:
+            raise ConfigError(f"override {key} must be positive, got {value}")
+    return dict(sorted(items.items()))
 
 
 def make_target(backend, opts: Mapping[str, Any]):

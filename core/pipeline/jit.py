@@ -21,8 +21,9 @@ matches it (sizes; the md5 of the library, the config, the weight index and the 
 files; the weight shards' md5); anything else is rebuilt.
 Builds happen in a staging directory under a per-entry file lock, so two processes asking
 for the same model at once build it once and never see half of it; a staging directory left by
-a killed build is removed by the next build of that entry, and an entry that other code built
-from the same inputs (before an upgrade) is removed when its replacement is built.
+a killed build is removed by the next build of that entry.  Entries built by other code (before
+an upgrade or an edit) are never loaded again; ``kiln cache list`` marks them and ``kiln cache
+clear --stale`` removes them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..errors import CheckpointError, ConfigError, KilnError, UnknownNameError, did_you_mean
+from ..errors import CheckpointError, KilnError
 from ..registry import get_registry
 from ..sources import resolve_source
 from .gen_config import CHAT_CONFIG, read_chat_config
@@ -82,28 +83,6 @@ def pick_backend(device: str, registry=None):
     return registry.backend(device.partition(":")[0])
 
 
-def normalize_overrides(overrides) -> dict:
-    """Size overrides as a sorted dict, checked: ``"context_window_size=1024;prefill_chunk_size=128"``,
-    a mapping, or ``None``.  Only the fields that size the compiled model may be overridden."""
-    from .compile import SIZE_FIELDS
-    from .model import POSITIVE_FIELDS, parse_overrides
-
-    if not overrides:
-        return {}
-    items = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
-    out = {}
-    for key, value in items.items():
-        if key not in SIZE_FIELDS:
-            raise UnknownNameError(f"unknown override '{key}'{did_you_mean(key, SIZE_FIELDS)}; valid: "
-                                   f"{', '.join(SIZE_FIELDS)}")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"override {key} must be an integer, got {value!r}")
-        if key in POSITIVE_FIELDS and value <= 0:
-            raise ConfigError(f"override {key} must be positive, got {value}")
-        out[key] = value
-    return dict(sorted(out.items()))
-
-
 def _overrides_text(sizes: dict) -> str | None:
     return ";".join(f"{k}={v}" for k, v in sizes.items()) or None
 
@@ -133,15 +112,21 @@ def fingerprint(path: Path) -> dict:
 _code_digest: str | None = None
 
 
+# the parts of kiln that decide what a conversion and a compilation produce
+_BUILD_CODE = ("pipeline", "quantization", "sources", "modeling.py", "model_config.py", "specs.py")
+
+
 def code_fingerprint(registry) -> str:
-    """A digest of the Python source of kiln and of every loaded plugin: what decides how a model
-    is converted and compiled.  An upgrade or an edit (an editable install, a new schedule) gets
-    new cache entries instead of libraries built by the old code."""
+    """A digest of the Python source that converts and compiles: kiln's pipeline, model building
+    blocks, quantization and sources, and every loaded plugin.  An upgrade or an edit (an
+    editable install, a new schedule) gets new cache entries instead of libraries built by the
+    old code; editing the runtime, the server or the CLI does not."""
     global _code_digest
     if _code_digest is None:
         import importlib.util
 
-        roots = {Path(__file__).resolve().parents[1]}  # the kiln package
+        core = Path(__file__).resolve().parents[1]  # the kiln package
+        roots = {core / part for part in _BUILD_CODE}
         for info in registry.plugins.values():
             if info.status != "loaded" or not info.module:
                 continue
@@ -154,6 +139,7 @@ def code_fingerprint(registry) -> str:
             for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
                 digest.update(str(path.relative_to(root.parent)).encode())
                 digest.update(path.read_bytes())
+        digest.update(__version__.encode())
         _code_digest = digest.hexdigest()[:16]
     return _code_digest
 
@@ -278,43 +264,19 @@ def _cached(entry: Path, key: dict, build) -> bool:
         if entry.exists():
             log.warning("cache entry %s is unusable (%s); rebuilding it", entry, problem)
         build()
-    _remove_superseded(entry, key)
     return True
-
-
-_CODE_FIELDS = ("code", "kiln")
-
-
-def _remove_superseded(entry: Path, key: dict) -> None:
-    """Delete entries that an upgrade or a code change replaced: same inputs as ``key``, other
-    code.  They would never be used again, and each is a whole converted model."""
-    same = {k: v for k, v in key.items() if k not in _CODE_FIELDS}
-    for other in entry.parent.iterdir():
-        if other == entry or not other.is_dir() or other.name.startswith("."):
-            continue
-        try:
-            old = json.loads((other / MANIFEST).read_text()).get("key", {})
-        except (OSError, ValueError):
-            continue
-        if {k: v for k, v in old.items() if k not in _CODE_FIELDS} != same:
-            continue
-        from filelock import Timeout
-
-        try:
-            with _lock(other).acquire(timeout=0):  # being built by another process: leave it
-                shutil.rmtree(other, ignore_errors=True)
-                log.info("removed %s, built by an older kiln or plugin", other.name)
-        except Timeout:
-            pass
 
 
 def prepare(model, model_lib=None, device: str = "auto", quantization: str | None = None,
             opts: str | None = None, show_progress: bool | None = None, overrides=None) -> Prepared:
     """Resolve a model reference to a model directory and a library, building what is missing.
 
-    ``overrides`` (see :func:`normalize_overrides`) are compiled into the library that is built;
+    ``overrides`` (see :func:`kiln.pipeline.compile.parse_size_overrides`) are compiled into the library
+    that is built;
     a library given as ``model_lib`` is used as it was built."""
-    sizes = normalize_overrides(overrides)  # a mistake fails before any work
+    from .compile import parse_size_overrides
+
+    sizes = parse_size_overrides(overrides)  # a mistake fails before any work
     registry = get_registry()
     source = resolve_source(model, registry, runtime=True)
     name = _name_of(source, model)
@@ -342,6 +304,8 @@ def prepare(model, model_lib=None, device: str = "auto", quantization: str | Non
 
     quant = quantization or DEFAULT_QUANTIZATION.get(backend.name, FALLBACK_QUANTIZATION)
     registry.quantization(quant)  # an unknown name fails before any work
+    if model_lib is not None:
+        sizes = {}  # the given library is used as it was built; only the weights come from the cache
     key = {"kind": "model", "source": fingerprint(source), "quantization": quant, "target": target,
            "opts": opts or "", "kiln": __version__, "code": code}
     if sizes:
@@ -355,9 +319,11 @@ def prepare(model, model_lib=None, device: str = "auto", quantization: str | Non
 
 # ------------------------------------------------------------------------------- kiln cache
 def list_entries() -> list[dict]:
-    """Every cache entry with its manifest (``complete: False`` for unusable leftovers)."""
+    """Every cache entry with its manifest (``complete: False`` for unusable leftovers, ``stale:
+    True`` for entries other code built, which this kiln never loads)."""
     out = []
     home = kiln_home()
+    code = code_fingerprint(get_registry())
     for kind in ("models", "libs"):
         root = home / kind
         if not root.is_dir():
@@ -371,20 +337,24 @@ def list_entries() -> list[dict]:
             except (OSError, ValueError):
                 manifest = {}
             out.append({"path": str(entry), "kind": kind[:-1], "complete": bool(manifest), "size": size,
+                        "stale": bool(manifest) and manifest.get("key", {}).get("code") != code,
                         "source": manifest.get("source", ""), "quantization": manifest.get("quantization", ""),
                         "device": manifest.get("device", ""), "created": manifest.get("created", "")})
     return out
 
 
-def clear(entries: list[str] | None = None) -> int:
-    """Delete the given entries (paths or names), or all of them; return how many."""
+def clear(entries: list[str] | None = None, stale: bool = False) -> int:
+    """Delete the given entries (paths or names), the stale ones (built by other code), or all of
+    them; return how many."""
     removed = 0
     for entry in list_entries():
         path = Path(entry["path"])
         if entries and path.name not in entries and str(path) not in entries:
             continue
+        if stale and not entry["stale"]:
+            continue
         shutil.rmtree(path, ignore_errors=True)
         removed += 1
-    if not entries:
+    if not entries and not stale:
         shutil.rmtree(kiln_home() / "locks", ignore_errors=True)
     return removed

@@ -254,15 +254,15 @@ def check_args(prompt_tokens: int, gen_tokens: int, batch: int, runs: int) -> No
 
 def check_fits(engine, prompt_tokens: int, gen_tokens: int, batch: int) -> None:
     """Refuse a benchmark the engine cannot run as asked (context window, batch, KV cache)."""
+    if batch > engine.max_batch_size:
+        raise UsageError(
+            f"--batch {batch} is more than the engine allows ({engine.max_batch_size}: the model library's "
+            f"max_batch_size); add --overrides max_batch_size={batch}")
     cw = engine.context_window_size
     if prompt_tokens + gen_tokens > cw:
         raise UsageError(
             f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} = {prompt_tokens + gen_tokens} tokens "
             f"exceed the context window of {cw} tokens")
-    if batch > engine.max_batch_size:
-        raise UsageError(
-            f"--batch {batch} is more than the engine allows ({engine.max_batch_size}: the model library's "
-            f"max_batch_size); recompile with --overrides max_batch_size={batch}")
     page = engine.model.kv_config.page_size
     need = batch * -(-(prompt_tokens + gen_tokens) // page)
     if need > engine.total_pages:
@@ -271,24 +271,22 @@ def check_fits(engine, prompt_tokens: int, gen_tokens: int, batch: int) -> None:
             f"{engine.total_pages}; use a smaller --batch or shorter prompts")
 
 
-def open_engine(model, model_lib=None, device: str = "auto", batch: int = 1, quantization: str | None = None):
+def open_engine(model, model_lib=None, device: str = "auto", batch: int = 1, quantization: str | None = None,
+                overrides=None):
     """An engine for benchmarking: room for ``batch`` sequences, no prefix cache (every run
-    computes its whole prompt)."""
+    computes its whole prompt).  :func:`check_fits` says whether a benchmark fits it."""
     from .engine import Engine
 
-    engine = Engine(model, model_lib, device, max_batch_size=batch, prefix_cache=False, quantization=quantization)
-    if batch > engine.max_batch_size:
-        engine.close()
-        raise UsageError(
-            f"--batch {batch} is more than the engine allows ({engine.max_batch_size}: the model library's "
-            f"max_batch_size); recompile with --overrides max_batch_size={batch}")
-    return engine
+    return Engine(model, model_lib, device, max_batch_size=batch, prefix_cache=False, quantization=quantization,
+                  overrides=overrides)
 
 
 # ------------------------------------------------------------------------------- measurement
 def measure(engine, prompts: list[list[int]], gen_tokens: int) -> RunTiming:
     """One run: submit every prompt at the same instant, greedy, ``gen_tokens`` tokens each."""
-    params = engine._params({"temperature": 0.0, "max_tokens": gen_tokens, "ignore_eos": True})
+    # greedy and nothing else: a model's configured penalties must not add work to what is timed
+    params = engine._params({"temperature": 0.0, "max_tokens": gen_tokens, "ignore_eos": True, "repetition_penalty": 1.0,
+                             "presence_penalty": 0.0, "frequency_penalty": 0.0})
     b = len(prompts)
     stamps: list[list[float]] = [[] for _ in range(b)]
     finished = [threading.Event() for _ in range(b)]
@@ -413,10 +411,10 @@ def run_bench(engine, prompt_tokens: int = 100, gen_tokens: int = 128, batch: in
 
 def bench(model, model_lib=None, device: str = "auto", *, prompt_tokens: int = 100, gen_tokens: int = 128,
           batch: int = 1, runs: int = 3, profile: bool = False, quantization: str | None = None,
-          seed: int = 0) -> BenchResult:
+          seed: int = 0, overrides=None) -> BenchResult:
     """Open ``model`` (anything :class:`kiln.Engine` accepts), benchmark it, close it."""
     check_args(prompt_tokens, gen_tokens, batch, runs)
-    engine = open_engine(model, model_lib, device, batch, quantization)
+    engine = open_engine(model, model_lib, device, batch, quantization, overrides)
     try:
         return run_bench(engine, prompt_tokens, gen_tokens, batch, runs, profile=profile, seed=seed)
     finally:

@@ -148,13 +148,13 @@ class Engine:
         overrides: str | dict | None = None,
         front_end: str = "engine",
     ):
-        from ..pipeline.jit import normalize_overrides
+        from ..pipeline.compile import parse_size_overrides
         from .conversation import Conversation
         from .model import LoadedModel
         from .references import resolve_model
         from .tokenizer import Tokenizer
 
-        sizes = normalize_overrides(overrides)
+        sizes = parse_size_overrides(overrides)
         prepared = resolve_model(model, model_lib, device, quantization, sizes)
         self.model = LoadedModel(prepared.model_dir, prepared.lib, device)
         for key in ("context_window_size", "prefill_chunk_size", "max_batch_size"):

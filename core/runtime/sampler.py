@@ -108,7 +108,8 @@ class Sampler:
         and penalties, divided by the temperature, cut to the ``top_k`` best (ties at the cut
         stay, as in transformers) and then to the smallest set of most likely tokens whose mass
         reaches ``top_p``.  At temperature 0 it is all on the (first) best token."""
-        return self._distribution(self.process(logits))
+        probs = self._distribution(self.process(logits))
+        return probs / probs.sum()
 
     def _distribution(self, x: np.ndarray) -> np.ndarray:
         p = self.params
@@ -129,7 +130,7 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs[order]), p.top_p, side="left")) + 1
             kept = np.zeros_like(probs)
             kept[order[:keep]] = probs[order[:keep]]
-            probs = kept / kept.sum()
+            probs = kept  # not renormalized: sample() scales by the total mass it draws from
         return probs
 
     def sample(self, logits: np.ndarray) -> int:

