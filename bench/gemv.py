@@ -28,14 +28,13 @@ def main(argv=None):
 
     import numpy as np
     import tvm
-    from functools import partial
     from tvm import te
 
     from kiln.modeling import dense
     from kiln.quantization import GroupQuant, dequantize_groups
     from kiln.quantization.layers import q_dense
     from kiln_backends.cpu import host_target
-    from kiln_backends.cpu_kernels import replace_decode_kernels
+    from kiln_backends.cpu_kernels import replace_kernels
     from kiln_backends.cpu_schedules import schedule_pass
 
     target = tvm.target.Target(host_target({}))
@@ -72,9 +71,7 @@ def main(argv=None):
             mod = tvm.IRModule({func: make().with_attr("global_symbol", "main")})
             if scheduled:
                 with target:
-                    mod = replace_decode_kernels(target)(mod)
-                    mod[func] = mod[func].with_attr("global_symbol", "main")  # the kernels are private
-                    mod = schedule_pass(target)(mod)
+                    mod = schedule_pass(target)(replace_kernels(target)(mod))
                 assert "tirx.is_scheduled" in mod[func].attrs, "neither a kernel nor a schedule rule applied"
             lib = tvm.compile(mod, target)
             a = [tvm.runtime.tensor(v, dev) for v in inputs]

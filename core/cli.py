@@ -113,15 +113,30 @@ def compile_cmd(
 
 
 # ---------------------------------------------------------------------------------- runtime
+# the options every command that runs a model takes (chat, serve, bench)
+def _model_arg():
+    return typer.Argument(..., help="Packaged model name (smollm2), .gguf file, Hugging Face checkpoint directory or "
+                                    "kiln model directory.")
+
+
+def _model_lib_opt():
+    return typer.Option(None, "--model-lib", help="Compiled model library (default: compiled and cached on first use).")
+
+
+def _device_opt():
+    return typer.Option("auto", "--device", "-d", help="Device to run on (auto: the best one present).")
+
+
+def _quantization_opt():
+    return typer.Option(None, "--quantization", "-q", help="Scheme when converting (default: the device's).")
+
+
 @app.command("chat")
 def chat_cmd(
-    model: str = typer.Argument(..., help="Packaged model name (smollm2), .gguf file, Hugging Face checkpoint "
-                                      "directory or kiln model directory."),
-    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library (default: compiled "
-                                                                       "and cached on first use)."),
-    device: str = typer.Option("auto", "--device", "-d", help="Device to run on (auto: the best one present)."),
-    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Scheme when converting "
-                                                                                  "(default: the device's)."),
+    model: str = _model_arg(),
+    model_lib: Optional[Path] = _model_lib_opt(),
+    device: str = _device_opt(),
+    quantization: Optional[str] = _quantization_opt(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this and exit (stdin works too)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (0: greedy)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest answer, in tokens."),
@@ -155,12 +170,10 @@ def chat_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model: str = typer.Argument(..., help="What `kiln chat` takes: packaged model name, .gguf file, Hugging Face "
-                                      "checkpoint directory or kiln model directory."),
-    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library."),
-    device: str = typer.Option("auto", "--device", "-d", help="Device to run on."),
-    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Scheme when converting "
-                                                                                  "(default: the device's)."),
+    model: str = _model_arg(),
+    model_lib: Optional[Path] = _model_lib_opt(),
+    device: str = _device_opt(),
+    quantization: Optional[str] = _quantization_opt(),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
     api_key: Optional[str] = typer.Option(
@@ -206,12 +219,10 @@ _BENCH_HELP = "\n\n".join([
 
 @app.command("bench", help=_BENCH_HELP)
 def bench_cmd(
-    model: str = typer.Argument(..., help="What `kiln chat` takes: packaged model name, .gguf file, Hugging Face "
-                                      "checkpoint directory or kiln model directory."),
-    model_lib: Optional[Path] = typer.Option(None, "--model-lib", help="Compiled model library."),
-    device: str = typer.Option("auto", "--device", "-d", help="Device to run on."),
-    quantization: Optional[str] = typer.Option(None, "--quantization", "-q", help="Scheme when converting "
-                                                                                  "(default: the device's)."),
+    model: str = _model_arg(),
+    model_lib: Optional[Path] = _model_lib_opt(),
+    device: str = _device_opt(),
+    quantization: Optional[str] = _quantization_opt(),
     prompt_tokens: int = typer.Option(100, "--prompt-tokens", help="Prompt length N (random token ids, fixed seed)."),
     gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens M each request generates (greedy, ignore_eos)."),
     batch: int = typer.Option(1, "--batch", help="Requests B submitted at the same time."),

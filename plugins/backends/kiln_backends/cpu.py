@@ -19,14 +19,14 @@ def pipeline(target, opts):
     import tvm
     from tvm import relax
 
-    from .cpu_kernels import replace_decode_kernels
+    from .cpu_kernels import replace_kernels
     from .cpu_schedules import schedule_pass
 
     scheduled = bool(opts.get("schedule", 1))
 
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
     def _pipeline(mod, _ctx):
-        passes = [replace_decode_kernels(target)] if scheduled else []
+        passes = [replace_kernels(target)] if scheduled else []
         passes += [
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),

@@ -24,7 +24,7 @@ unpacks every weight again for every activation row.  This kernel is written out
   activations stay in the core's cache while every weight row passes over them.
 
 The kernel keeps the signature (and the exact result, up to float reassociation) of the
-``q_matmul`` PrimFunc kiln's quantized layers emit; :func:`replace_decode_kernels` swaps it in.
+``q_matmul`` PrimFunc kiln's quantized layers emit; :func:`replace_kernels` swaps it in.
 """
 
 from __future__ import annotations
@@ -230,7 +230,8 @@ def _static(dim) -> int | None:
 
 
 def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int):
-    """The hand-written kernel for a ``q_matmul`` PrimFunc of a decode step, or ``None``."""
+    """The hand-written kernel for a ``q_matmul`` PrimFunc (decode ``[B, 1, K]`` or prefill
+    ``[1, B, K]`` activations, ``B`` symbolic), or ``None``."""
     from tvm import s_tir
 
     try:
@@ -251,7 +252,7 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int):
     n_rows, words = _static(qw.shape[0]), _static(qw.shape[1])
     groups = _static(qs.shape[1])
     if None in (k, n_rows, words, groups) or (d0 is None) == (d1 is None) or (d0 or d1) != 1:
-        return None  # a prefill (many rows) or an unexpected layout: the schedule rules handle it
+        return None  # static rows (the logits of a prefill) or another layout: the schedule rules handle it
     bits = 32 * words // k
     if bits not in (2, 4, 8) or k % groups:
         return None
@@ -262,36 +263,36 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int):
         return None
 
 
-def replace_decode_kernels(target: tvm.target.Target):
-    """Module pass: swap the decode step's ``q_matmul`` PrimFuncs and TVM's CPU decode attention
-    for kiln's hand-written kernels (same signatures)."""
+def replace_kernels(target: tvm.target.Target):
+    """Module pass: swap kiln's hand-written kernels in for the ``q_matmul`` PrimFuncs of its
+    quantized layers and for TVM's CPU decode attention, prefill (ragged) attention and RoPE
+    kernels.  Each keeps the signature (and the global symbol) of the kernel it replaces; a
+    kernel whose shapes it does not take stays as it is, for the schedule rules."""
     from .cpu_schedules import vector_bits
 
     lanes = max(vector_bits(target) // 32, 4)
+    by_symbol = {"batch_decode_paged_kv_cpu": _decode_attention_for, "batch_prefill_ragged_kv": _prefill_attention_for}
 
-    @tvm.transform.module_pass(opt_level=0, name="KilnReplaceDecodeKernels")
+    @tvm.transform.module_pass(opt_level=0, name="KilnReplaceKernels")
     def _pass(mod, _ctx):
         updates = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
+            attrs = func.attrs or {}
+            symbol = str(attrs.get("global_symbol", ""))
             if gv.name_hint.startswith("q_matmul"):
                 kernel = _gemv_for(func, lanes)
                 if kernel is not None:
-                    # opaque: fusion must not wrap it with element-wise neighbours
-                    updates[gv] = kernel.with_attr("op_pattern", 8)
-            elif str(func.attrs.get("global_symbol", "")) == "batch_decode_paged_kv_cpu":
-                kernel = _decode_attention_for(func)
-                if kernel is not None:
-                    updates[gv] = kernel.with_attr("global_symbol", "batch_decode_paged_kv_cpu")
-            elif func.attrs is not None and "kiln.rope" in func.attrs:
+                    kernel = kernel.with_attr("op_pattern", 8)  # opaque: fusion must not wrap it with neighbours
+            elif "kiln.rope" in attrs:
                 kernel = _rope_for(func)
-                if kernel is not None:
-                    updates[gv] = kernel.with_attr("global_symbol", str(func.attrs.get("global_symbol", gv.name_hint)))
-            elif str(func.attrs.get("global_symbol", "")) == "batch_prefill_ragged_kv":
-                kernel = _prefill_attention_for(func)
-                if kernel is not None:
-                    updates[gv] = kernel.with_attr("global_symbol", "batch_prefill_ragged_kv")
+            elif symbol in by_symbol:
+                kernel = by_symbol[symbol](func)
+            else:
+                continue
+            if kernel is not None:
+                updates[gv] = kernel.with_attr("global_symbol", symbol) if symbol else kernel
         for gv, func in updates.items():
             mod[gv] = func
         log.debug("kiln CPU kernels replace: %s", ", ".join(sorted(gv.name_hint for gv in updates)))
@@ -460,11 +461,11 @@ def _decode_attention_for(func: tvm.tirx.PrimFunc):
         return None
     q, pages = params[0], params[1]
     try:
-        _, h_qo, d = (int(s) if isinstance(s, tvm.tirx.IntImm) else s for s in q.shape)
-        _, _, h_kv, page_size, _ = (int(s) if isinstance(s, tvm.tirx.IntImm) else s for s in pages.shape)
+        _, h_qo, d = (_static(x) for x in q.shape)
+        _, _, h_kv, page_size, _ = (_static(x) for x in pages.shape)
     except (AttributeError, TypeError, ValueError):
         return None
-    if not all(isinstance(v, int) for v in (h_qo, d, h_kv, page_size)) or h_qo % h_kv:
+    if None in (h_qo, d, h_kv, page_size) or h_qo % h_kv:
         return None
     return decode_attention(h_qo, h_kv, d, str(q.dtype), page_size)
 
@@ -558,11 +559,11 @@ def _prefill_attention_for(func: tvm.tirx.PrimFunc):
         return None
     q, k = params[0], params[2]
     try:
-        _, h_qo, d = (int(x) if isinstance(x, tvm.tirx.IntImm) else x for x in q.shape)
-        _, h_kv, d_k = (int(x) if isinstance(x, tvm.tirx.IntImm) else x for x in k.shape)
+        _, h_qo, d = (_static(x) for x in q.shape)
+        _, h_kv, d_k = (_static(x) for x in k.shape)
     except (AttributeError, TypeError, ValueError):
         return None
-    if not all(isinstance(x, int) for x in (h_qo, d, h_kv, d_k)) or h_qo % h_kv or d != d_k:
+    if None in (h_qo, d, h_kv, d_k) or h_qo % h_kv or d != d_k:
         return None
     return prefill_attention(h_qo, h_kv, d, str(q.dtype))
 
@@ -659,8 +660,9 @@ def _rope_for(func: tvm.tirx.PrimFunc):
         return None
     qkv, _, q, k = params[:4]
     try:
-        _, h, d = (int(x) if isinstance(x, tvm.tirx.IntImm) else x for x in qkv.shape)
-        n_q, n_kv = int(q.shape[1]), int(k.shape[1])
-        return rope(n_q, n_kv, int(d), str(qkv.dtype), json.loads(str(record)))
+        d, n_q, n_kv = _static(qkv.shape[2]), _static(q.shape[1]), _static(k.shape[1])
+        if None in (d, n_q, n_kv):
+            return None
+        return rope(n_q, n_kv, d, str(qkv.dtype), json.loads(str(record)))
     except (AttributeError, TypeError, ValueError, KeyError):
         return None
