@@ -66,11 +66,12 @@ GEMV_CASES = [  # (N, K, bits, asymmetric)
 
 @pytest.mark.parametrize("n,k,bits,asym", GEMV_CASES)
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
-def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill):
+@pytest.mark.parametrize("lanes", [8, 16], ids=["avx2", "avx512"])  # both vector widths, whatever this host has
+def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes):
     rng = np.random.default_rng(n + k + bits)
     qw, qs, qm = random_weights(rng, n, k, bits, asym)
     weight = dequantize(qw, qs, qm, bits)
-    fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", LANES, batch_first=not prefill))
+    fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", lanes, batch_first=not prefill))
     for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 8, 4, 2, lone rows; two re-layout chunks
         x = rng.standard_normal((rows, k)).astype(np.float32)
         shape = (1, rows, k) if prefill else (rows, 1, k)

@@ -85,7 +85,9 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     def spread(buf, n, g0, nl):
         """``nl`` lanes of words from group ``g0`` on: each lane gets its group's value."""
         q = nl // WG
-        v = T.Cast(f"float32x{q}", buf[n, T.Ramp(g0, 1, q)]) if q > 1 else T.Broadcast(T.Cast("float32", buf[n, g0]), 1)
+        if q == 1:  # the block is one group (8-bit codes with 8 lanes): a plain broadcast
+            return T.Broadcast(T.Cast("float32", buf[n, g0]), nl)
+        v = T.Cast(f"float32x{q}", buf[n, T.Ramp(g0, 1, q)])
         return T.Shuffle([v] * WG, [lane // WG for lane in range(nl)])
 
     def make_block(nl, n_batch, n_rows_side):
