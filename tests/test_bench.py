@@ -85,7 +85,13 @@ def test_profile_lists_kernels(built, capsys):
     code, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, "--prompt-tokens", 12, "--gen-tokens", 3,
                           "--runs", 1, "--profile")
     assert code == 0, err
-    assert "kernel profile of one decode step" in out and "us/step" in out and "uninstrumented step" in out
+    assert "kernel profile of one decode step (1 sequence," in out and "us/step" in out and "uninstrumented step" in out
+    # the profile is of a step of the benchmark's batch: every kernel runs once per step whatever the batch
+    code, out, err = kiln(capsys, built.model_dir, "--model-lib", built.lib, "--prompt-tokens", 12, "--gen-tokens", 3,
+                          "--runs", 1, "--batch", 2, "--profile", "--json")
+    assert code == 0, err
+    batched = json.loads(out)
+    assert {r["kernel"]: r["calls"] for r in batched["profile"]} == {r["kernel"]: r["calls"] for r in rows}
 
 
 def test_api_leaves_the_engine_usable(built):

@@ -30,8 +30,9 @@ The figures (each as the median with min–max over the runs):
   buffers used while generating, not the transients of converting, compiling or loading;
   elsewhere it is the peak of the whole process.
 
-``profile=True`` adds a per-kernel time table of one single-sequence decode step at a context
-of ``prompt_tokens`` tokens (:mod:`kiln.runtime.profile`), run on the engine's scheduler thread.
+``profile=True`` adds a per-kernel time table of one decode step of ``batch`` sequences, each at
+a context of ``prompt_tokens`` tokens (:mod:`kiln.runtime.profile`), run on the engine's
+scheduler thread.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class BenchResult:
             lines.append(f"  peak memory            {self.peak_rss_mb:.1f} MB (RSS high-water mark, {scope})")
         if self.profile is not None:
             lines.append("")
-            lines.append(f"kernel profile of one decode step (single sequence, context {self.prompt_tokens} tokens, "
+            lines.append(f"kernel profile of one decode step ({self.batch} sequence{'s' if self.batch > 1 else ''}, "
+                         f"context {self.prompt_tokens} tokens each, "
                          f"mean of {PROFILE_STEPS} steps):")
             lines.append(format_table(self.profile, self.profile_step_ms / 1e3))
         return "\n".join(lines)
@@ -352,24 +354,29 @@ def measure(engine, prompts: list[list[int]], gen_tokens: int) -> RunTiming:
     return RunTiming(prefill, ttft, decode, aggregate, counts, wall)
 
 
-def profile_step(engine, context_tokens: int, steps: int = PROFILE_STEPS) -> tuple[list[KernelTime], float]:
-    """Per-kernel times of one single-sequence decode step at a context of ``context_tokens``,
-    on the scheduler thread; the sequence it uses is removed again."""
+def profile_step(engine, context_tokens: int, batch: int = 1,
+                 steps: int = PROFILE_STEPS) -> tuple[list[KernelTime], float]:
+    """Per-kernel times of one decode step of ``batch`` sequences, each at a context of
+    ``context_tokens``, on the scheduler thread; the sequences it uses are removed again."""
     model = engine.model
-    prompt = make_prompts(model.vocab_size, context_tokens, 1, seed=12345)[0]
+    prompts = make_prompts(model.vocab_size, context_tokens, batch, seed=12345)
 
     def run():
-        seq = next(engine._seq_ids)
-        need = engine._pages(context_tokens + 2 * steps + 3) + 1
+        seqs = []
+        need = batch * (engine._pages(context_tokens + 2 * steps + 3) + 1)
         if not engine._ensure_pages(need):
             raise KilnError("the KV cache is too full to profile a decode step now")
-        model.add_sequence(seq)
         try:
-            for i in range(0, len(prompt), engine.prefill_chunk_size):
-                model.prefill([seq], [prompt[i:i + engine.prefill_chunk_size]])
-            return profile_decode(model, steps, seq_id=seq)
+            for prompt in prompts:
+                seq = next(engine._seq_ids)
+                model.add_sequence(seq)
+                seqs.append(seq)
+                for i in range(0, len(prompt), engine.prefill_chunk_size):
+                    model.prefill([seq], [prompt[i:i + engine.prefill_chunk_size]])
+            return profile_decode(model, steps, seq_ids=seqs)
         finally:
-            model.remove_sequence(seq)
+            for seq in seqs:
+                model.remove_sequence(seq)
 
     engine.wait_idle(120)
     return on_scheduler(engine, run)
@@ -404,7 +411,7 @@ def run_bench(engine, prompt_tokens: int = 100, gen_tokens: int = 128, batch: in
         peak_rss_mb=peak, peak_rss_scope=scope, per_run=timings,
     )
     if profile:
-        rows, plain = profile_step(engine, prompt_tokens)
+        rows, plain = profile_step(engine, prompt_tokens, batch)
         result.profile, result.profile_step_ms = rows, plain * 1e3
     return result
 

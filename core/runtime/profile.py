@@ -20,12 +20,14 @@ class KernelTime:
     seconds: float
 
 
-def profile_decode(model, steps: int = 5, seq_id: int = 0) -> tuple[list[KernelTime], float]:
-    """Run ``steps`` single-sequence decode steps of a :class:`LoadedModel` (whose KV cache is
-    created and holds sequence ``seq_id``) with every VM call timed; return per-kernel times
-    averaged per step (slowest first) and the plain (uninstrumented) seconds per step for
-    comparison.  The sequence is left as it was (the steps' tokens are popped again).  Only the
-    thread that owns the model may call this (in an engine: its scheduler thread)."""
+def profile_decode(model, steps: int = 5, seq_ids: list[int] | None = None) -> tuple[list[KernelTime], float]:
+    """Run ``steps`` decode steps of a :class:`LoadedModel` (whose KV cache is created and holds
+    the sequences ``seq_ids``, default ``[0]``), all sequences in one batched step, with every VM
+    call timed; return per-kernel times averaged per step (slowest first) and the plain
+    (uninstrumented) seconds per step for comparison.  The sequences are left as they were (the
+    steps' tokens are popped again).  Only the thread that owns the model may call this (in an
+    engine: its scheduler thread)."""
+    seq_ids = list(seq_ids) if seq_ids is not None else [0]
     totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
     started: list[float] = []
 
@@ -39,7 +41,7 @@ def profile_decode(model, steps: int = 5, seq_id: int = 0) -> tuple[list[KernelT
         return 0
 
     def step():
-        model.decode([seq_id], [5])
+        model.decode(seq_ids, [5] * len(seq_ids))
 
     for _ in range(2):  # warm-up
         step()
@@ -55,7 +57,8 @@ def profile_decode(model, steps: int = 5, seq_id: int = 0) -> tuple[list[KernelT
         model.vm.set_instrument(_convert(lambda *a: 0))
     rows = [KernelTime(name, calls // steps, secs / steps) for name, (calls, secs) in totals.items()]
     rows.sort(key=lambda r: -r.seconds)
-    model.popn(seq_id, 2 * steps + 2)
+    for seq in seq_ids:
+        model.popn(seq, 2 * steps + 2)
     return rows, plain
 
 
