@@ -142,10 +142,12 @@ def reference(smollm2):
                                                 dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("quantization", ["q0f32", "q4f32_2"])
-def test_logits_match_transformers_loading_the_same_gguf(smollm2, kiln_build, reference, hf_tokenizer, quantization):
+@pytest.mark.parametrize("quantization,atol", [("q0f32", 1e-3), ("q4f32_2", 3e-2)])
+def test_logits_match_transformers_loading_the_same_gguf(smollm2, kiln_build, reference, hf_tokenizer, quantization, atol):
     """float32 weights, and 4-bit weights in llama.cpp's Q4_1 layout (q4f32_2: the file's own
-    Q4_1 blocks carried over without loss), both give transformers' logits."""
+    Q4_1 blocks carried over without loss), both give transformers' logits.  The 4-bit kernels
+    round activations to int16 steps, which moves SmolLM2's logits by up to ~1e-2;
+    a wrongly converted block moves them by far more."""
     import torch
 
     from kiln.runtime.model import LoadedModel
@@ -169,4 +171,4 @@ def test_logits_match_transformers_loading_the_same_gguf(smollm2, kiln_build, re
             got += [model.decode([0], [t]) for t in tokens[n:]]
         finally:
             model.remove_sequence(0)
-        np.testing.assert_allclose(np.concatenate(got), want, atol=1e-3, rtol=0, err_msg=text)
+        np.testing.assert_allclose(np.concatenate(got), want, atol=atol, rtol=0, err_msg=text)

@@ -156,7 +156,9 @@ def test_converted_weights_are_mlc_layout(checkpoint, kiln_build, quantization, 
     assert norm["dtype"] == ("float16" if quantization == "q4f16_1" else "float32")
 
 
-@pytest.mark.parametrize("quantization,atol", [("q4f32_1", 1e-4), ("q4f16_1", 3e-2), ("q4f32_2", 1e-4)])
+# float32 scales: the kernels round activations to int16 steps (1/32767 of a group's largest;
+# kiln_backends.cpu_kernels), which moves these logits by up to ~2e-3
+@pytest.mark.parametrize("quantization,atol", [("q4f32_1", 5e-3), ("q4f16_1", 3e-2), ("q4f32_2", 5e-3)])
 def test_quantized_kernels_equal_dequantized_reference(checkpoint, kiln_build, tmp_path, quantization, atol):
     built = kiln_build(checkpoint, quantization)
     reference = hf_model(dequantized_checkpoint(checkpoint, built.model_dir, tmp_path / "deq"))

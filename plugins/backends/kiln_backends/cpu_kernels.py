@@ -3,28 +3,37 @@
 **Projections over packed low-bit weights** (``q_matmul``: ``y[b, n] = sum_k x[b, k] * W[n, k]``,
 ``W`` dequantized on the fly).  Expressed as one TE reduction and left to schedule rules, TVM
 vectorizes the unpacking poorly (the codes of a packed word end up gathered lane by lane) and
-unpacks every weight again for every activation row.  This kernel is written out in TIR:
+unpacks every weight again for every activation row.  This kernel is written out in TIR, and
+its inner loop is integer arithmetic, as llama.cpp's is:
 
-* the activations are re-laid out so that code ``j`` of ``L`` consecutive packed words meets
-  ``L`` consecutive activations (``xp[b, j, w] = x[b, w * P + j]``), so the inner loop is: load
-  ``L`` words, mask, convert, multiply-add, one vector instruction each, no gathers.  Code ``j``
-  is taken by masking in place (``word & (mask << bits * j)`` = ``code * 2**(bits * j)``, exactly)
-  and the activation carries ``2**-(bits * j)`` (exact too), which saves the shift; the top code
-  is a plain shift;
-* the group scale and minimum are spread over the lanes of a word block once (a broadcast load
-  and a shuffle) and enter as ``acc += (sum_j code_j * x_j) * scale + minimum * sum_j x_j``, with
-  the per-word activation sums ``xw`` taken once per call;
-* a block's codes are unpacked once and used by a tile of ``BATCH_TILE`` activation rows (batched
-  decode, prefill); a lone row instead runs two weight rows side by side with two partial sums
-  each, so the multiply-add chains overlap;
+* each activation row is quantized per weight group (32 values) to int16: ``x ~ xd * xi`` with
+  ``xd = max|x| / 32767`` and ``xi = round(x / xd)``, so each activation is off by at most half a
+  step, 1.5e-5 of its group's largest (llama.cpp rounds activations to int8, 256 times coarser);
+  SmolLM2's logits move by about 1e-2 against float32 activations.  The quantized row is laid out so
+  that code ``q`` of the 16-bit half words of ``L`` packed words meets its activations in
+  consecutive lanes (``xq[b, q, h] = xi[b, h * Q + q]``, ``Q`` codes per half word);
+* a block of ``L`` words is loaded once as ``2L`` half words; code ``q`` is one shift and one
+  mask of the whole vector, and its products with the activations are summed pairwise into
+  the word's int32 lane, which LLVM emits as one ``vpmaddwd`` (``vpdpwssd`` with AVX-512 VNNI or
+  AVX-VNNI, ``smlal`` pairs on NEON): twice the multiply-adds of a float instruction, and no
+  int-to-float conversion per weight.  Integer sums are exact, so a row's result does not depend
+  on the order or the batch it is computed in;
+* per block, each word's integer sum enters the float accumulator once, with its group's
+  weight scale times activation step, plus the group minimum times the word's float activation
+  sum: ``acc += isum * (scale * xd) + minimum * sum(x)`` (symmetric codes: minimum =
+  ``-offset * scale``); scales and minima are spread over the lanes by a broadcast load and a
+  shuffle;
+* a block's codes are unpacked once for a tile of ``BATCH_TILE`` activation rows (batched
+  decode, prefill); a lone row instead runs ``PAIR`` weight rows side by side, so their
+  dependency chains overlap;
 * weight rows are spread over threads, and each task prefetches the rows a few tasks ahead: a
   decode step streams the whole model from memory, and the hardware prefetcher alone left the
   kernel at half the bandwidth it reaches with the hint;
-* long inputs (prefill) run in chunks of ``CHUNK_ROWS`` activation rows, so the re-laid-out
+* long inputs (prefill) run in chunks of ``CHUNK_ROWS`` activation rows, so the quantized
   activations stay in the core's cache while every weight row passes over them.
 
-The kernel keeps the signature (and the exact result, up to float reassociation) of the
-``q_matmul`` PrimFunc kiln's quantized layers emit; :func:`replace_kernels` swaps it in.
+The kernel keeps the signature of the ``q_matmul`` PrimFunc kiln's quantized layers emit;
+:func:`replace_kernels` swaps it in.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ PAIR = 2  # weight rows computed side by side for a lone activation row
 BATCH_TILE = 8  # activation rows sharing one unpacking of a word block (a power of two >= 4)
 CHUNK_ROWS = 64  # activation rows re-laid out (and kept in cache) at a time
 PARALLEL_RELAYOUT = 8  # chunks of at least this many rows are re-laid out by all threads
+INT16_STEPS = 32767  # activation quantization: steps from 0 to a group's largest magnitude
 PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
 
 
@@ -63,66 +73,60 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     NB = W // L
     TAIL = W - NB * L
     MASK = (1 << bits) - 1
+    Q = 16 // bits  # codes per 16-bit half word
+    H = 2 * W  # half words per weight row
     OFF = float((1 << (bits - 1)) - 1)
     RT, RB, BT, MC = ROWS_PER_TASK, PAIR, BATCH_TILE, CHUNK_ROWS
-    if n_rows % RT or RT % RB or L % WG or TAIL % WG or k % group or group % P or P % 2:
+    if n_rows % RT or RT % RB or L % WG or TAIL % WG or k % group or group % P:
         raise ValueError("shape not supported by the hand-written GEMV")
-
-    def code(qw, n, w, j):
-        """Code ``j`` of word ``w`` of row ``n`` times ``2**(bits * j)`` (the top one: times 1)."""
-        word = qw[n, w]
-        top = T.shift_right(word, T.uint32(bits * (P - 1)))
-        masked = T.bitwise_and(word, T.shift_left(T.uint32(MASK), T.Cast("uint32", j * bits)))
-        return T.Cast("float32", T.reinterpret("int32", T.Select(j == P - 1, top, masked)))
-
-    def code_weight(j):
-        """``2**-(bits * j)`` (1 for the top code), built from the float's exponent bits."""
-        return T.reinterpret("float32", T.shift_left(T.Select(j == P - 1, 127, 127 - j * bits), 23))
-
-    def x_at(x, b, kk):
-        return T.Cast("float32", x[b, 0, kk] if batch_first else x[0, b, kk])
 
     def spread(buf, n, g0, nl):
         """``nl`` lanes of words from group ``g0`` on: each lane gets its group's value."""
         q = nl // WG
-        if q == 1:  # the block is one group (8-bit codes with 8 lanes): a plain broadcast
+        if q == 1:
             return T.Broadcast(T.Cast("float32", buf[n, g0]), nl)
         v = T.Cast(f"float32x{q}", buf[n, T.Ramp(g0, 1, q)])
         return T.Shuffle([v] * WG, [lane // WG for lane in range(nl)])
 
+    def x_at(x, b, kk):
+        return T.Cast("float32", x[b, 0, kk] if batch_first else x[0, b, kk])
+
+    def word_dot(qh, xq, n, w0, b, nl):
+        """``nl`` int32 lanes: lane ``l`` sums the codes of word ``w0 + l`` of row ``n`` times
+        their int16 activations of row ``b``.  Written as widening products of ``2 nl`` half-word
+        lanes whose even and odd lanes are added: the pattern LLVM turns into ``vpmaddwd``."""
+        halves = qh[n, T.Ramp(2 * w0, 1, 2 * nl)]
+        total = None
+        for q in range(Q):
+            if q == Q - 1:
+                c = T.shift_right(halves, T.Broadcast(T.uint16(bits * q), 2 * nl))
+            elif q == 0:
+                c = T.bitwise_and(halves, T.Broadcast(T.uint16(MASK), 2 * nl))
+            else:
+                c = T.bitwise_and(T.shift_right(halves, T.Broadcast(T.uint16(bits * q), 2 * nl)),
+                                  T.Broadcast(T.uint16(MASK), 2 * nl))
+            prod = T.Cast(f"int32x{2 * nl}", c) * T.Cast(f"int32x{2 * nl}", xq[b, q, T.Ramp(2 * w0, 1, 2 * nl)])
+            pair = T.Shuffle([prod], list(range(0, 2 * nl, 2))) + T.Shuffle([prod], list(range(1, 2 * nl, 2)))
+            total = pair if total is None else total + pair
+        return total
+
     def make_block(nl, n_batch, n_rows_side):
-        """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``.
-
-        Every output takes the same arithmetic in the same order whatever tile computes it
-        (two partial sums over the codes, even and odd, then scale and minimum), so a row's
-        result does not depend on how many rows are batched with it."""
-
-        def code_at(qw, cb, n, w, l, j):  # a tile unpacked the block once; a lone row unpacks here
-            return cb[j, l] if n_batch > 1 else code(qw, n, w + l, j)
+        """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``."""
 
         @T.macro
-        def block(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, w0, b0):
+        def block(qh, qs, qm, xq, xw, xd, acc, sv, mv, n, w0, b0):
             for rb in T.unroll(n_rows_side):
-                if n_batch > 1:
-                    for j in T.unroll(P):
-                        for l in T.vectorized(nl):
-                            cb[j, l] = code(qw, n + rb, w0 + l, j)
                 sv[rb, T.Ramp(0, 1, nl)] = spread(qs, n + rb, w0 // WG, nl)
                 if has_min:
                     mv[rb, T.Ramp(0, 1, nl)] = spread(qm, n + rb, w0 // WG, nl)
                 else:
-                    for l in T.vectorized(nl):
-                        mv[rb, l] = sv[rb, l] * T.float32(-OFF)
+                    mv[rb, T.Ramp(0, 1, nl)] = sv[rb, T.Ramp(0, 1, nl)] * T.Broadcast(T.float32(-OFF), nl)
                 for bb in T.unroll(n_batch):
-                    for h in T.unroll(2):
-                        for l in T.vectorized(nl):
-                            tmp[rb * 2 + h, l] = code_at(qw, cb, n + rb, w0, l, h) * xp[b0 + bb, h, w0 + l]
-                    for j in T.unroll(P // 2 - 1):
-                        for h in T.unroll(2):
-                            for l in T.vectorized(nl):
-                                tmp[rb * 2 + h, l] = tmp[rb * 2 + h, l] + code_at(qw, cb, n + rb, w0, l, 2 * j + 2 + h) * xp[b0 + bb, 2 * j + 2 + h, w0 + l]
-                    for l in T.vectorized(nl):
-                        acc[rb * n_batch + bb, l] = acc[rb * n_batch + bb, l] + (tmp[rb * 2, l] + tmp[rb * 2 + 1, l]) * sv[rb, l] + mv[rb, l] * xw[b0 + bb, w0 + l]
+                    acc[rb * n_batch + bb, T.Ramp(0, 1, nl)] = (
+                        acc[rb * n_batch + bb, T.Ramp(0, 1, nl)]
+                        + T.Cast(f"float32x{nl}", word_dot(qh, xq, n + rb, w0, b0 + bb, nl))
+                        * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(w0, 1, nl)])
+                        + mv[rb, T.Ramp(0, 1, nl)] * xw[b0 + bb, T.Ramp(w0, 1, nl)])
         return block
 
     def make_tile(n_batch, n_rows_side):
@@ -130,23 +134,21 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         ``n_rows_side`` weight rows from ``n``."""
         full = make_block(L, n_batch, n_rows_side)
         tail = make_block(TAIL, n_batch, n_rows_side) if TAIL else None
-        NA = n_batch * n_rows_side  # one accumulator per output
+        NA = n_batch * n_rows_side
 
         @T.macro
-        def tile(qw, qs, qm, y, xp, xw, n, b0, yb0):
+        def tile(qh, qs, qm, y, xq, xw, xd, n, b0, yb0):
             with T.sblock("tile"):
                 acc = T.sblock_alloc_buffer((NA, L), "float32")
-                cb = T.sblock_alloc_buffer((P, L), "float32")
                 sv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
                 mv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
-                tmp = T.sblock_alloc_buffer((2 * n_rows_side, L), "float32")
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         acc[a, l] = T.float32(0)
                 for kb in T.serial(NB):
-                    full(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, kb * L, b0)
+                    full(qh, qs, qm, xq, xw, xd, acc, sv, mv, n, kb * L, b0)
                 if TAIL > 0:
-                    tail(qw, qs, qm, xp, xw, acc, cb, sv, mv, tmp, n, NB * L, b0)
+                    tail(qh, qs, qm, xq, xw, xd, acc, sv, mv, n, NB * L, b0)
                 for a in T.unroll(NA):
                     if L >= 16:
                         for l in T.vectorized(8):
@@ -168,43 +170,57 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     tile_lone = make_tile(1, RB)
 
     @T.macro
-    def relayout(x, xp, xw, b, row):
-        for w in T.serial(W):
-            xw[b, w] = T.float32(0)
-            for j in T.unroll(P):
-                xp[b, j, w] = x_at(x, row, w * P + j) * code_weight(j)
-                xw[b, w] = xw[b, w] + x_at(x, row, w * P + j)
+    def relayout(x, xq, xw, xd, st, b, row):
+        """Quantize activation row ``row`` into ``xq[b]``, with per-word steps ``xd[b]`` and float
+        sums ``xw[b]``."""
+        for g in T.serial(G):
+            st[0] = T.float32(0)
+            for i in T.serial(group):
+                st[0] = T.max(st[0], T.fabs(x_at(x, row, g * group + i)))
+            st[1] = T.Select(st[0] > T.float32(0), T.float32(INT16_STEPS) / st[0], T.float32(0))
+            for i in T.serial(group):
+                xq[b, i % Q, (g * group + i) // Q] = T.Cast("int16", T.round(x_at(x, row, g * group + i) * st[1]))
+            for v in T.serial(WG):
+                xd[b, g * WG + v] = st[0] * T.float32(1.0 / INT16_STEPS)
+                xw[b, g * WG + v] = T.float32(0)
+                for j in T.unroll(P):
+                    xw[b, g * WG + v] = xw[b, g * WG + v] + x_at(x, row, (g * WG + v) * P + j)
 
     @T.macro
     def body(x, qw, qs, qm, y, B):
         with T.sblock("root"):
-            xp = T.sblock_alloc_buffer((T.min(B, MC), P, W), "float32")
+            qh = T.decl_buffer((n_rows, H), "uint16", data=qw.data)
+            xq = T.sblock_alloc_buffer((T.min(B, MC), Q, H), "int16")
             xw = T.sblock_alloc_buffer((T.min(B, MC), W), "float32")
+            xd = T.sblock_alloc_buffer((T.min(B, MC), W), "float32")
             for mc in T.serial((B + MC - 1) // MC):
                 nb: T.let[T.int64] = T.min(B - mc * MC, MC)
                 if nb >= PARALLEL_RELAYOUT:
                     for b in T.parallel(nb):
-                        relayout(x, xp, xw, b, mc * MC + b)
+                        with T.sblock("rl"):
+                            st = T.sblock_alloc_buffer((2,), "float32")
+                            relayout(x, xq, xw, xd, st, b, mc * MC + b)
                 else:
                     for b in T.serial(nb):
-                        relayout(x, xp, xw, b, mc * MC + b)
+                        with T.sblock("rl"):
+                            st = T.sblock_alloc_buffer((2,), "float32")
+                            relayout(x, xq, xw, xd, st, b, mc * MC + b)
                 for no in T.parallel(n_rows // RT):
                     for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
                         T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
                             qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
-                    # tiles of BT rows, then one of 4 and one of 2 for the rest, then a lone row
                     for bt in T.serial(nb // BT):
                         for r in T.serial(RT):
-                            tile_big(qw, qs, qm, y, xp, xw, no * RT + r, bt * BT, mc * MC + bt * BT)
+                            tile_big(qh, qs, qm, y, xq, xw, xd, no * RT + r, bt * BT, mc * MC + bt * BT)
                     if nb % BT >= 4:
                         for r in T.serial(RT):
-                            tile_four(qw, qs, qm, y, xp, xw, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
+                            tile_four(qh, qs, qm, y, xq, xw, xd, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
                     if nb % 4 >= 2:
                         for r in T.serial(RT):
-                            tile_two(qw, qs, qm, y, xp, xw, no * RT + r, nb // 4 * 4, mc * MC + nb // 4 * 4)
+                            tile_two(qh, qs, qm, y, xq, xw, xd, no * RT + r, nb // 4 * 4, mc * MC + nb // 4 * 4)
                     if nb % 2 == 1:
                         for r in T.serial(RT // RB):
-                            tile_lone(qw, qs, qm, y, xp, xw, no * RT + r * RB, nb - 1, mc * MC + nb - 1)
+                            tile_lone(qh, qs, qm, y, xq, xw, xd, no * RT + r * RB, nb - 1, mc * MC + nb - 1)
 
     if has_min:
         @T.prim_func(s_tir=True, private=True)
