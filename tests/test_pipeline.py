@@ -431,4 +431,5 @@ def test_unscheduled_and_scheduled_libraries_agree(checkpoint, kiln_build):
         m.create_kv_cache(1, 256, 64)
         m.add_sequence(0)
         outs.append(np.concatenate([m.prefill([0], [tokens], all_logits=True), m.decode([0], [7])]))
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=0)
+    # the scheduled library's 4-bit kernels round activations to int16 steps (kiln_backends.cpu_kernels)
+    np.testing.assert_allclose(outs[0], outs[1], atol=5e-3, rtol=0)
