@@ -18,11 +18,11 @@ its inner loop is integer arithmetic, as llama.cpp's is:
   AVX-VNNI, ``smlal`` pairs on NEON): twice the multiply-adds of a float instruction, and no
   int-to-float conversion per weight.  Integer sums are exact, so a row's result does not depend
   on the order or the batch it is computed in;
-* per block, each word's integer sum enters the float accumulator once, with its group's
-  weight scale times activation step, plus the group minimum times the word's float activation
-  sum: ``acc += isum * (scale * xd) + minimum * sum(x)`` (symmetric codes: minimum =
-  ``-offset * scale``); scales and minima are spread over the lanes by a broadcast load and a
-  shuffle;
+* per block, each word's integer sum enters the float accumulator once, times its group's
+  weight scale and activation step (``acc += isum * (scale * xd)``; the scales are spread over
+  the lanes by a broadcast load and a shuffle); after the blocks, each group's minimum meets the
+  group's float activation sum, one multiply-add per group (symmetric codes: minimum =
+  ``-offset * scale``);
 * a block's codes are unpacked once for a tile of ``BATCH_TILE`` activation rows (batched
   decode, prefill); a lone row instead runs ``PAIR`` weight rows side by side, so their
   dependency chains overlap;
@@ -114,20 +114,26 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``."""
 
         @T.macro
-        def block(qh, qs, qm, xq, xw, xd, acc, sv, mv, n, w0, b0):
+        def block(qh, qs, xq, xd, acc, sv, n, w0, b0):
             for rb in T.unroll(n_rows_side):
                 sv[rb, T.Ramp(0, 1, nl)] = spread(qs, n + rb, w0 // WG, nl)
-                if has_min:
-                    mv[rb, T.Ramp(0, 1, nl)] = spread(qm, n + rb, w0 // WG, nl)
-                else:
-                    mv[rb, T.Ramp(0, 1, nl)] = sv[rb, T.Ramp(0, 1, nl)] * T.Broadcast(T.float32(-OFF), nl)
                 for bb in T.unroll(n_batch):
                     acc[rb * n_batch + bb, T.Ramp(0, 1, nl)] = (
                         acc[rb * n_batch + bb, T.Ramp(0, 1, nl)]
                         + T.Cast(f"float32x{nl}", word_dot(qh, xq, n + rb, w0, b0 + bb, nl))
-                        * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(w0, 1, nl)])
-                        + mv[rb, T.Ramp(0, 1, nl)] * xw[b0 + bb, T.Ramp(w0, 1, nl)])
+                        * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(w0, 1, nl)]))
         return block
+
+    def minimum(qs, qm, n, g0, nl):
+        """The minimum of ``nl`` groups from ``g0`` on (symmetric codes: ``-offset * scale``)."""
+        lanes = T.Ramp(g0, 1, nl) if nl > 1 else g0
+        ty = f"float32x{nl}" if nl > 1 else "float32"
+        if has_min:
+            return T.Cast(ty, qm[n, lanes])
+        return T.Cast(ty, qs[n, lanes]) * (T.Broadcast(T.float32(-OFF), nl) if nl > 1 else T.float32(-OFF))
+
+    def group_sums(xs, b, g0, nl):
+        return xs[b, T.Ramp(g0, 1, nl)] if nl > 1 else xs[b, g0]
 
     def make_tile(n_batch, n_rows_side):
         """Whole rows: ``n_batch`` activation rows from ``b0`` (``y`` rows from ``yb0``) times
@@ -137,18 +143,25 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         NA = n_batch * n_rows_side
 
         @T.macro
-        def tile(qh, qs, qm, y, xq, xw, xd, n, b0, yb0):
+        def tile(qh, qs, qm, y, xq, xs, xd, n, b0, yb0):
             with T.sblock("tile"):
                 acc = T.sblock_alloc_buffer((NA, L), "float32")
                 sv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
-                mv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         acc[a, l] = T.float32(0)
                 for kb in T.serial(NB):
-                    full(qh, qs, qm, xq, xw, xd, acc, sv, mv, n, kb * L, b0)
+                    full(qh, qs, xq, xd, acc, sv, n, kb * L, b0)
                 if TAIL > 0:
-                    tail(qh, qs, qm, xq, xw, xd, acc, sv, mv, n, NB * L, b0)
+                    tail(qh, qs, xq, xd, acc, sv, n, NB * L, b0)
+                # the minima meet each group's float activation sum: one multiply-add per group
+                for a in T.unroll(NA):
+                    for gc in T.serial(G // L):
+                        acc[a, T.Ramp(0, 1, L)] = acc[a, T.Ramp(0, 1, L)] + minimum(qs, qm, n + a // n_batch, gc * L, L) * group_sums(xs, b0 + a % n_batch, gc * L, L)
+                    if G % L > 1:
+                        acc[a, T.Ramp(0, 1, G % L)] = acc[a, T.Ramp(0, 1, G % L)] + minimum(qs, qm, n + a // n_batch, G // L * L, G % L) * group_sums(xs, b0 + a % n_batch, G // L * L, G % L)
+                    if G % L == 1:
+                        acc[a, 0] = acc[a, 0] + minimum(qs, qm, n + a // n_batch, G - 1, 1) * group_sums(xs, b0 + a % n_batch, G - 1, 1)
                 for a in T.unroll(NA):
                     if L >= 16:
                         for l in T.vectorized(8):
@@ -170,9 +183,9 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     tile_lone = make_tile(1, RB)
 
     @T.macro
-    def relayout(x, xq, xw, xd, st, b, row):
+    def relayout(x, xq, xs, xd, st, b, row):
         """Quantize activation row ``row`` into ``xq[b]``, with per-word steps ``xd[b]`` and float
-        sums ``xw[b]``."""
+        group sums ``xs[b]``."""
         for g in T.serial(G):
             st[0] = T.float32(0)
             for i in T.serial(group):
@@ -182,16 +195,16 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 xq[b, i % Q, (g * group + i) // Q] = T.Cast("int16", T.round(x_at(x, row, g * group + i) * st[1]))
             for v in T.serial(WG):
                 xd[b, g * WG + v] = st[0] * T.float32(1.0 / INT16_STEPS)
-                xw[b, g * WG + v] = T.float32(0)
-                for j in T.unroll(P):
-                    xw[b, g * WG + v] = xw[b, g * WG + v] + x_at(x, row, (g * WG + v) * P + j)
+            xs[b, g] = T.float32(0)
+            for i in T.serial(group):
+                xs[b, g] = xs[b, g] + x_at(x, row, g * group + i)
 
     @T.macro
     def body(x, qw, qs, qm, y, B):
         with T.sblock("root"):
             qh = T.decl_buffer((n_rows, H), "uint16", data=qw.data)
             xq = T.sblock_alloc_buffer((T.min(B, MC), Q, H), "int16")
-            xw = T.sblock_alloc_buffer((T.min(B, MC), W), "float32")
+            xs = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
             xd = T.sblock_alloc_buffer((T.min(B, MC), W), "float32")
             for mc in T.serial((B + MC - 1) // MC):
                 nb: T.let[T.int64] = T.min(B - mc * MC, MC)
@@ -199,28 +212,28 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                     for b in T.parallel(nb):
                         with T.sblock("rl"):
                             st = T.sblock_alloc_buffer((2,), "float32")
-                            relayout(x, xq, xw, xd, st, b, mc * MC + b)
+                            relayout(x, xq, xs, xd, st, b, mc * MC + b)
                 else:
                     for b in T.serial(nb):
                         with T.sblock("rl"):
                             st = T.sblock_alloc_buffer((2,), "float32")
-                            relayout(x, xq, xw, xd, st, b, mc * MC + b)
+                            relayout(x, xq, xs, xd, st, b, mc * MC + b)
                 for no in T.parallel(n_rows // RT):
                     for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
                         T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
                             qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
                     for bt in T.serial(nb // BT):
                         for r in T.serial(RT):
-                            tile_big(qh, qs, qm, y, xq, xw, xd, no * RT + r, bt * BT, mc * MC + bt * BT)
+                            tile_big(qh, qs, qm, y, xq, xs, xd, no * RT + r, bt * BT, mc * MC + bt * BT)
                     if nb % BT >= 4:
                         for r in T.serial(RT):
-                            tile_four(qh, qs, qm, y, xq, xw, xd, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
+                            tile_four(qh, qs, qm, y, xq, xs, xd, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
                     if nb % 4 >= 2:
                         for r in T.serial(RT):
-                            tile_two(qh, qs, qm, y, xq, xw, xd, no * RT + r, nb // 4 * 4, mc * MC + nb // 4 * 4)
+                            tile_two(qh, qs, qm, y, xq, xs, xd, no * RT + r, nb // 4 * 4, mc * MC + nb // 4 * 4)
                     if nb % 2 == 1:
                         for r in T.serial(RT // RB):
-                            tile_lone(qh, qs, qm, y, xq, xw, xd, no * RT + r * RB, nb - 1, mc * MC + nb - 1)
+                            tile_lone(qh, qs, qm, y, xq, xs, xd, no * RT + r * RB, nb - 1, mc * MC + nb - 1)
 
     if has_min:
         @T.prim_func(s_tir=True, private=True)
