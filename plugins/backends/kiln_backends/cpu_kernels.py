@@ -83,7 +83,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     def spread(buf, n, g0, nl):
         """``nl`` lanes of words from group ``g0`` on: each lane gets its group's value."""
         q = nl // WG
-        if q == 1:
+        if q == 1:  # the block is one group (8-bit codes with 8 lanes): a plain broadcast
             return T.Broadcast(T.Cast("float32", buf[n, g0]), nl)
         v = T.Cast(f"float32x{q}", buf[n, T.Ramp(g0, 1, q)])
         return T.Shuffle([v] * WG, [lane // WG for lane in range(nl)])
@@ -124,23 +124,23 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                         * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(w0, 1, nl)]))
         return block
 
+    def span(start, nl):
+        """Index of ``nl`` consecutive lanes (one lane: a scalar index)."""
+        return T.Ramp(start, 1, nl) if nl > 1 else start
+
     def minimum(qs, qm, n, g0, nl):
         """The minimum of ``nl`` groups from ``g0`` on (symmetric codes: ``-offset * scale``)."""
-        lanes = T.Ramp(g0, 1, nl) if nl > 1 else g0
         ty = f"float32x{nl}" if nl > 1 else "float32"
         if has_min:
-            return T.Cast(ty, qm[n, lanes])
-        return T.Cast(ty, qs[n, lanes]) * (T.Broadcast(T.float32(-OFF), nl) if nl > 1 else T.float32(-OFF))
-
-    def group_sums(xs, b, g0, nl):
-        return xs[b, T.Ramp(g0, 1, nl)] if nl > 1 else xs[b, g0]
+            return T.Cast(ty, qm[n, span(g0, nl)])
+        return T.Cast(ty, qs[n, span(g0, nl)]) * (T.Broadcast(T.float32(-OFF), nl) if nl > 1 else T.float32(-OFF))
 
     def make_tile(n_batch, n_rows_side):
         """Whole rows: ``n_batch`` activation rows from ``b0`` (``y`` rows from ``yb0``) times
         ``n_rows_side`` weight rows from ``n``."""
         full = make_block(L, n_batch, n_rows_side)
         tail = make_block(TAIL, n_batch, n_rows_side) if TAIL else None
-        NA = n_batch * n_rows_side
+        NA = n_batch * n_rows_side  # one accumulator per output
 
         @T.macro
         def tile(qh, qs, qm, y, xq, xs, xd, n, b0, yb0):
@@ -157,11 +157,9 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 # the minima meet each group's float activation sum: one multiply-add per group
                 for a in T.unroll(NA):
                     for gc in T.serial(G // L):
-                        acc[a, T.Ramp(0, 1, L)] = acc[a, T.Ramp(0, 1, L)] + minimum(qs, qm, n + a // n_batch, gc * L, L) * group_sums(xs, b0 + a % n_batch, gc * L, L)
-                    if G % L > 1:
-                        acc[a, T.Ramp(0, 1, G % L)] = acc[a, T.Ramp(0, 1, G % L)] + minimum(qs, qm, n + a // n_batch, G // L * L, G % L) * group_sums(xs, b0 + a % n_batch, G // L * L, G % L)
-                    if G % L == 1:
-                        acc[a, 0] = acc[a, 0] + minimum(qs, qm, n + a // n_batch, G - 1, 1) * group_sums(xs, b0 + a % n_batch, G - 1, 1)
+                        acc[a, span(0, L)] = acc[a, span(0, L)] + minimum(qs, qm, n + a // n_batch, gc * L, L) * xs[b0 + a % n_batch, span(gc * L, L)]
+                    if G % L > 0:
+                        acc[a, span(0, G % L)] = acc[a, span(0, G % L)] + minimum(qs, qm, n + a // n_batch, G // L * L, G % L) * xs[b0 + a % n_batch, span(G // L * L, G % L)]
                 for a in T.unroll(NA):
                     if L >= 16:
                         for l in T.vectorized(8):
@@ -183,21 +181,22 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     tile_lone = make_tile(1, RB)
 
     @T.macro
-    def relayout(x, xq, xs, xd, st, b, row):
+    def relayout(x, xq, xs, xd, b, row):
         """Quantize activation row ``row`` into ``xq[b]``, with per-word steps ``xd[b]`` and float
         group sums ``xs[b]``."""
-        for g in T.serial(G):
-            st[0] = T.float32(0)
-            for i in T.serial(group):
-                st[0] = T.max(st[0], T.fabs(x_at(x, row, g * group + i)))
-            st[1] = T.Select(st[0] > T.float32(0), T.float32(INT16_STEPS) / st[0], T.float32(0))
-            for i in T.serial(group):
-                xq[b, i % Q, (g * group + i) // Q] = T.Cast("int16", T.round(x_at(x, row, g * group + i) * st[1]))
-            for v in T.serial(WG):
-                xd[b, g * WG + v] = st[0] * T.float32(1.0 / INT16_STEPS)
-            xs[b, g] = T.float32(0)
-            for i in T.serial(group):
-                xs[b, g] = xs[b, g] + x_at(x, row, g * group + i)
+        with T.sblock("relayout"):
+            st = T.sblock_alloc_buffer((2,), "float32")  # the group's largest magnitude, 1 / step
+            for g in T.serial(G):
+                st[0] = T.float32(0)
+                xs[b, g] = T.float32(0)
+                for i in T.serial(group):
+                    st[0] = T.max(st[0], T.fabs(x_at(x, row, g * group + i)))
+                    xs[b, g] = xs[b, g] + x_at(x, row, g * group + i)
+                st[1] = T.Select(st[0] > T.float32(0), T.float32(INT16_STEPS) / st[0], T.float32(0))
+                for i in T.serial(group):
+                    xq[b, i % Q, (g * group + i) // Q] = T.Cast("int16", T.round(x_at(x, row, g * group + i) * st[1]))
+                for v in T.serial(WG):
+                    xd[b, g * WG + v] = st[0] * T.float32(1.0 / INT16_STEPS)
 
     @T.macro
     def body(x, qw, qs, qm, y, B):
@@ -210,18 +209,15 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 nb: T.let[T.int64] = T.min(B - mc * MC, MC)
                 if nb >= PARALLEL_RELAYOUT:
                     for b in T.parallel(nb):
-                        with T.sblock("rl"):
-                            st = T.sblock_alloc_buffer((2,), "float32")
-                            relayout(x, xq, xs, xd, st, b, mc * MC + b)
+                        relayout(x, xq, xs, xd, b, mc * MC + b)
                 else:
                     for b in T.serial(nb):
-                        with T.sblock("rl"):
-                            st = T.sblock_alloc_buffer((2,), "float32")
-                            relayout(x, xq, xs, xd, st, b, mc * MC + b)
+                        relayout(x, xq, xs, xd, b, mc * MC + b)
                 for no in T.parallel(n_rows // RT):
                     for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
                         T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
                             qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
+                    # tiles of BT rows, then one of 4 and one of 2 for the rest, then a lone row
                     for bt in T.serial(nb // BT):
                         for r in T.serial(RT):
                             tile_big(qh, qs, qm, y, xq, xs, xd, no * RT + r, bt * BT, mc * MC + bt * BT)
