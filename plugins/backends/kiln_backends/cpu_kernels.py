@@ -15,7 +15,7 @@ its inner loop is integer arithmetic, as llama.cpp's is:
 * a block of ``L`` words is loaded once as ``2L`` half words; code ``q`` is one shift and one
   mask of the whole vector, and its products with the activations are summed pairwise into
   the word's int32 lane, which LLVM emits as one ``vpmaddwd`` (``vpdpwssd`` with AVX-512 VNNI or
-  AVX-VNNI, ``smlal`` pairs on NEON): twice the multiply-adds of a float instruction, and no
+  AVX-VNNI; ``smull`` pairs and ``uzp`` on NEON): twice the multiply-adds of a float instruction, and no
   int-to-float conversion per weight.  Integer sums are exact, so a row's result does not depend
   on the order or the batch it is computed in;
 * per block, each word's integer sum enters the float accumulator once, times its group's
