@@ -68,10 +68,12 @@ def int16_activations(x):
 
 
 GEMV_CASES = [  # (N, K, bits, asymmetric)
-    (64, 576, 4, True),  # 72 words per row: 4 blocks of 16 and a tail of 8
+    (64, 576, 4, True),  # 72 words per row: 4 blocks of 16, and a last block over the last 16
     (32, 1536, 4, True),
     (48, 96, 4, False),  # fewer words than one vector: the tail alone
     (40, 576, 8, False),  # llama.cpp's Q8_0 grid, as kiln stores embeddings
+    (24, 608, 4, False),  # 76 words: the last block overlaps the one before by 4 words
+    (16, 544, 8, True),  # 136 words of 8-bit codes: 8 blocks of 16 and 8 over
 ]
 
 

@@ -16,7 +16,9 @@ its inner loop is integer arithmetic, as llama.cpp's is:
   mask of the whole vector, and its products with the activations are summed pairwise into
   the word's int32 lane, which LLVM emits as one ``vpmaddwd`` (``vpdpwssd`` with AVX-512 VNNI or
   AVX-VNNI; ``smull`` pairs and ``uzp`` on NEON): twice the multiply-adds of a float instruction, and no
-  int-to-float conversion per weight.  Integer sums are exact, so a row's result does not depend
+  int-to-float conversion per weight.  Every block is full width: a row that does not fill its
+  last block ends with a block over its last ``L`` words, whose already counted words meet zero
+  activations.  Integer sums are exact, so a row's result does not depend
   on the order or the batch it is computed in;
 * per block, each word's integer sum enters the float accumulator once, times its group's
   weight scale and activation step (``acc += isum * (scale * xd)``; the scales are spread over
@@ -72,6 +74,16 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     L = lanes
     NB = W // L
     TAIL = W - NB * L
+    # A row whose words do not fill its last block (SmolLM2's 576 columns: 72 words, 4 blocks of
+    # 16 and 8 over) ends with one more full block, over its last L words.  Its activations sit
+    # in an extra block of the quantized row: the last TAIL words' at its end, zeros before, so
+    # the words the blocks before have counted add nothing.  A narrower tail block instead took
+    # as long as the whole rest of the row (LLVM hoisted its loads out of the tile loop and
+    # spilled them to the stack).
+    OVERLAP = TAIL > 0 and NB > 0
+    NBX = NB + 1 if OVERLAP else NB  # full-width blocks per row
+    SHIFT = L - TAIL if OVERLAP else 0  # words the tail's activations move by
+    XW = NBX * L if OVERLAP else W  # words of a quantized activation row
     MASK = (1 << bits) - 1
     Q = 16 // bits  # codes per 16-bit half word
     H = 2 * W  # half words per weight row
@@ -91,9 +103,9 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     def x_at(x, b, kk):
         return T.Cast("float32", x[b, 0, kk] if batch_first else x[0, b, kk])
 
-    def word_dot(qh, xq, n, w0, b, nl):
+    def word_dot(qh, xq, n, w0, a0, b, nl):
         """``nl`` int32 lanes: lane ``l`` sums the codes of word ``w0 + l`` of row ``n`` times
-        their int16 activations of row ``b``.  Written as widening products of ``2 nl`` half-word
+        their int16 activations of row ``b`` (word ``a0 + l`` of ``xq``).  Written as widening products of ``2 nl`` half-word
         lanes whose even and odd lanes are added: the pattern LLVM turns into ``vpmaddwd``."""
         halves = qh[n, T.Ramp(2 * w0, 1, 2 * nl)]
         total = None
@@ -105,23 +117,24 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
             else:
                 c = T.bitwise_and(T.shift_right(halves, T.Broadcast(T.uint16(bits * q), 2 * nl)),
                                   T.Broadcast(T.uint16(MASK), 2 * nl))
-            prod = T.Cast(f"int32x{2 * nl}", c) * T.Cast(f"int32x{2 * nl}", xq[b, q, T.Ramp(2 * w0, 1, 2 * nl)])
+            prod = T.Cast(f"int32x{2 * nl}", c) * T.Cast(f"int32x{2 * nl}", xq[b, q, T.Ramp(2 * a0, 1, 2 * nl)])
             pair = T.Shuffle([prod], list(range(0, 2 * nl, 2))) + T.Shuffle([prod], list(range(1, 2 * nl, 2)))
             total = pair if total is None else total + pair
         return total
 
     def make_block(nl, n_batch, n_rows_side):
-        """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``."""
+        """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``
+        (their words ``[a0, a0 + nl)`` of ``xq`` and ``xd``)."""
 
         @T.macro
-        def block(qh, qs, xq, xd, acc, sv, n, w0, b0):
+        def block(qh, qs, xq, xd, acc, sv, n, w0, a0, b0):
             for rb in T.unroll(n_rows_side):
                 sv[rb, T.Ramp(0, 1, nl)] = spread(qs, n + rb, w0 // WG, nl)
                 for bb in T.unroll(n_batch):
                     acc[rb * n_batch + bb, T.Ramp(0, 1, nl)] = (
                         acc[rb * n_batch + bb, T.Ramp(0, 1, nl)]
-                        + T.Cast(f"float32x{nl}", word_dot(qh, xq, n + rb, w0, b0 + bb, nl))
-                        * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(w0, 1, nl)]))
+                        + T.Cast(f"float32x{nl}", word_dot(qh, xq, n + rb, w0, a0, b0 + bb, nl))
+                        * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(a0, 1, nl)]))
         return block
 
     def span(start, nl):
@@ -139,7 +152,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         """Whole rows: ``n_batch`` activation rows from ``b0`` (``y`` rows from ``yb0``) times
         ``n_rows_side`` weight rows from ``n``."""
         full = make_block(L, n_batch, n_rows_side)
-        tail = make_block(TAIL, n_batch, n_rows_side) if TAIL else None
+        tail = make_block(TAIL, n_batch, n_rows_side) if TAIL and not OVERLAP else None
         NA = n_batch * n_rows_side  # one accumulator per output
 
         @T.macro
@@ -150,10 +163,10 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         acc[a, l] = T.float32(0)
-                for kb in T.serial(NB):
-                    full(qh, qs, xq, xd, acc, sv, n, kb * L, b0)
-                if TAIL > 0:
-                    tail(qh, qs, xq, xd, acc, sv, n, NB * L, b0)
+                for kb in T.serial(NBX):
+                    full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
+                if TAIL > 0 and not OVERLAP:  # the whole row is narrower than a block
+                    tail(qh, qs, xq, xd, acc, sv, n, 0, 0, b0)
                 # the minima meet each group's float activation sum: one multiply-add per group
                 for a in T.unroll(NA):
                     for gc in T.serial(G // L):
@@ -180,11 +193,21 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     tile_two = make_tile(2, 1)
     tile_lone = make_tile(1, RB)
 
+    def moved(g):
+        """Words group ``g``'s activations move by in the quantized row."""
+        return T.Select(g * WG >= NB * L, SHIFT, 0) if OVERLAP else 0
+
     @T.macro
     def relayout(x, xq, xs, xd, b, row):
         """Quantize activation row ``row`` into ``xq[b]``, with per-word steps ``xd[b]`` and float
-        group sums ``xs[b]``."""
+        group sums ``xs[b]`` (the last ``TAIL`` words' moved ``SHIFT`` words on, after zeros)."""
         with T.sblock("relayout"):
+            if OVERLAP:
+                for q in T.serial(Q):
+                    for h in T.vectorized(2 * SHIFT):
+                        xq[b, q, 2 * NB * L + h] = T.int16(0)
+                for j in T.serial(SHIFT):
+                    xd[b, NB * L + j] = T.float32(0)
             st = T.sblock_alloc_buffer((2,), "float32")  # the group's largest magnitude, 1 / step
             for g in T.serial(G):
                 st[0] = T.float32(0)
@@ -194,17 +217,17 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                     xs[b, g] = xs[b, g] + x_at(x, row, g * group + i)
                 st[1] = T.Select(st[0] > T.float32(0), T.float32(INT16_STEPS) / st[0], T.float32(0))
                 for i in T.serial(group):
-                    xq[b, i % Q, (g * group + i) // Q] = T.Cast("int16", T.round(x_at(x, row, g * group + i) * st[1]))
+                    xq[b, i % Q, (g * group + i) // Q + 2 * moved(g)] = T.Cast("int16", T.round(x_at(x, row, g * group + i) * st[1]))
                 for v in T.serial(WG):
-                    xd[b, g * WG + v] = st[0] * T.float32(1.0 / INT16_STEPS)
+                    xd[b, g * WG + v + moved(g)] = st[0] * T.float32(1.0 / INT16_STEPS)
 
     @T.macro
     def body(x, qw, qs, qm, y, B):
         with T.sblock("root"):
             qh = T.decl_buffer((n_rows, H), "uint16", data=qw.data)
-            xq = T.sblock_alloc_buffer((T.min(B, MC), Q, H), "int16")
+            xq = T.sblock_alloc_buffer((T.min(B, MC), Q, 2 * XW), "int16")
             xs = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
-            xd = T.sblock_alloc_buffer((T.min(B, MC), W), "float32")
+            xd = T.sblock_alloc_buffer((T.min(B, MC), XW), "float32")
             for mc in T.serial((B + MC - 1) // MC):
                 nb: T.let[T.int64] = T.min(B - mc * MC, MC)
                 if nb >= PARALLEL_RELAYOUT:
