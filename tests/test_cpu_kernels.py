@@ -282,6 +282,28 @@ def test_prefill_attention_matches_numpy(heads, kv_heads, dim):
 
 
 # ------------------------------------------------------------------------ RoPE
+@pytest.mark.parametrize("tokens", [3, 40], ids=["decode", "prefill"])  # one thread; in parallel
+def test_kv_append_equals_tvms_kernel(tokens):
+    """Every token lands in its slot (keys and values, every head), -1 slots are skipped, and
+    nothing else in the pool changes: exactly what TVM's kernel does."""
+    from tvm.relax.frontend.nn.llm.kv_cache import _kv_cache_transpose_append
+
+    kv_heads, dim, page = 3, 64, 16
+    rng = np.random.default_rng(tokens)
+    pages = rng.standard_normal((8, 2, kv_heads, page, dim)).astype(np.float32)
+    k = rng.standard_normal((tokens, kv_heads, dim)).astype(np.float32)
+    v = rng.standard_normal((tokens, kv_heads, dim)).astype(np.float32)
+    slots = rng.permutation(8 * page)[:tokens].astype(np.int32)
+    slots[1] = -1  # a token not to cache
+    results = []
+    for fn in (build(ck.kv_append(kv_heads, dim, "float32", page)), build(_kv_cache_transpose_append(kv_heads, dim, "float32"))):
+        pool = tvm.runtime.tensor(pages.copy())
+        fn(pool, tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(slots))
+        results.append(pool.numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], pages)
+
+
 @pytest.mark.parametrize("theta,scale,scaling", [
     (10000.0, 1.0, {}),
     (100000.0, 0.25, {}),  # linear scaling (positions scaled)
@@ -296,12 +318,13 @@ def test_rope_equals_tvms_kernel(theta, scale, scaling):
     mine = build(ck.rope(heads, kv_heads, dim, "float32", record))
     theirs = build(llama_rope_with_position_map(theta, scale, dim, heads, kv_heads, "float32", scaling))
     rng = np.random.default_rng(5)
-    tokens = 11
-    qkv = rng.standard_normal((tokens, heads + 2 * kv_heads, dim)).astype(np.float32)
-    positions = np.array([0, 1, 2, 17, 100, 1000, 4095, 5, 6, 8000, 3], np.int32)
-    shapes = [((tokens, heads, dim), "float32"), ((tokens, kv_heads, dim), "float32"), ((tokens, kv_heads, dim), "float32")]
-    for apply in (1, 0):
-        ours = run(mine, [qkv, positions], shapes, apply)
-        ref = run(theirs, [qkv, positions], shapes, apply)
-        for a, b in zip(ours, ref):
-            np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+    some = np.array([0, 1, 2, 17, 100, 1000, 4095, 5, 6, 8000, 3], np.int32)
+    for positions in (some, np.concatenate([some, np.arange(300, 330, dtype=np.int32)])):  # a decode step, a prefill
+        tokens = len(positions)
+        qkv = rng.standard_normal((tokens, heads + 2 * kv_heads, dim)).astype(np.float32)
+        shapes = [((tokens, heads, dim), "float32"), ((tokens, kv_heads, dim), "float32"), ((tokens, kv_heads, dim), "float32")]
+        for apply in (1, 0):
+            ours = run(mine, [qkv, positions], shapes, apply)
+            ref = run(theirs, [qkv, positions], shapes, apply)
+            for a, b in zip(ours, ref):
+                np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)

@@ -55,6 +55,7 @@ BATCH_TILE = 8  # activation rows sharing one unpacking of a word block (a power
 CHUNK_ROWS = 64  # activation rows re-laid out (and kept in cache) at a time
 PARALLEL_RELAYOUT = 8  # chunks of at least this many rows are re-laid out by all threads
 INT16_STEPS = 32767  # activation quantization: steps from 0 to a group's largest magnitude
+PARALLEL_TOKENS = 16  # RoPE and cache appends of fewer tokens run on one thread
 PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
 
 
@@ -315,13 +316,14 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int):
 
 def replace_kernels(target: tvm.target.Target):
     """Module pass: swap kiln's hand-written kernels in for the ``q_matmul`` PrimFuncs of its
-    quantized layers and for TVM's CPU decode attention, prefill (ragged) attention and RoPE
+    quantized layers and for TVM's CPU decode attention, prefill (ragged) attention, KV cache append and RoPE
     kernels.  Each keeps the signature (and the global symbol) of the kernel it replaces; a
     kernel whose shapes it does not take stays as it is, for the schedule rules."""
     from .cpu_schedules import vector_bits
 
     lanes = max(vector_bits(target) // 32, 4)
-    by_symbol = {"batch_decode_paged_kv_cpu": _decode_attention_for, "batch_prefill_ragged_kv": _prefill_attention_for}
+    by_symbol = {"batch_decode_paged_kv_cpu": _decode_attention_for, "batch_prefill_ragged_kv": _prefill_attention_for,
+                 "tir_kv_cache_transpose_append": _kv_append_for}
 
     @tvm.transform.module_pass(opt_level=0, name="KilnReplaceKernels")
     def _pass(mod, _ctx):
@@ -618,6 +620,64 @@ def _prefill_attention_for(func: tvm.tirx.PrimFunc):
     return prefill_attention(h_qo, h_kv, d, str(q.dtype))
 
 
+# ---------------------------------------------------------------------------------------- KV append
+def kv_append(num_kv_heads: int, head_dim: int, dtype: str, page_size: int):
+    """Write new tokens' keys and values into their cache pages.
+
+    Same signature and results as TVM's ``tir_kv_cache_transpose_append`` (token ``t`` goes to
+    slot ``position_map[t]``; -1 skips it).  TVM's kernel is one scalar loop over every element
+    that the schedule rules split into parallel chunks: 6-10 us a layer to copy a decode step's
+    few hundred values.  Here each token's heads are vector copies, on one thread for a decode
+    step's few tokens and in parallel for a prefill's.
+    """
+    H, D, PS = num_kv_heads, head_dim, page_size
+
+    @T.macro
+    def append_token(pages, k_data, v_data, position_map, t):
+        if position_map[t] != T.int32(-1):
+            for h in T.serial(H):
+                for d in T.vectorized(D):
+                    pages[position_map[t] // PS, 0, h, position_map[t] % PS, d] = k_data[t, h, d]
+                for d in T.vectorized(D):
+                    pages[position_map[t] // PS, 1, h, position_map[t] % PS, d] = v_data[t, h, d]
+
+    @T.prim_func(s_tir=True, private=True)
+    def tir_kv_cache_transpose_append(var_pages: T.handle, var_k_data: T.handle, var_v_data: T.handle,
+                                      var_position_map: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntoken = T.int64()
+        num_pages = T.int64()
+        pages_elem_offset = T.int64()
+        position_map_elem_offset = T.int32()
+        pages = T.match_buffer(var_pages, (num_pages, 2, H, PS, D), dtype, elem_offset=pages_elem_offset)
+        k_data = T.match_buffer(var_k_data, (ntoken, H, D), dtype)
+        v_data = T.match_buffer(var_v_data, (ntoken, H, D), dtype)
+        position_map = T.match_buffer(var_position_map, (ntoken,), "int32", elem_offset=position_map_elem_offset)
+        if ntoken >= PARALLEL_TOKENS:
+            for t in T.parallel(ntoken):
+                append_token(pages, k_data, v_data, position_map, t)
+        else:
+            for t in T.serial(ntoken):
+                append_token(pages, k_data, v_data, position_map, t)
+
+    return tir_kv_cache_transpose_append
+
+
+def _kv_append_for(func: tvm.tirx.PrimFunc):
+    """kiln's kernel for TVM's ``tir_kv_cache_transpose_append``, or ``None``."""
+    params = list(func.params)
+    if len(params) != 4:
+        return None
+    try:
+        _, two, h_kv, page_size, d = (_static(x) for x in params[0].shape)
+        _, h_k, d_k = (_static(x) for x in params[1].shape)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if None in (h_kv, page_size, d) or two != 2 or (h_k, d_k) != (h_kv, d):
+        return None
+    return kv_append(h_kv, d, str(params[0].dtype), page_size)
+
+
 # ---------------------------------------------------------------------------------------- RoPE
 def rope(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, record: dict):
     """The KV cache's RoPE kernel (split fused q/k/v, rotate q and k by their position).
@@ -625,10 +685,11 @@ def rope(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, record:
     Same signature and results as TVM's ``llama_rope_with_position_map`` kernel, whose frequency
     expression (``cos``, ``sin`` and a ``pow``) is evaluated for every head and lane: on the CPU
     that is three libm calls per element, the largest cost of attention in a batched decode
-    step.  Here the frequencies of a token are evaluated once per dimension (TVM's own
-    frequency functions, so scaled RoPE variants give the same numbers) and applied to all its
-    heads with vector arithmetic; tokens run in parallel.  ``record`` holds the parameters the
-    kernel was built from (``kiln.rope``, see :func:`kiln.modeling._annotate_rope`).
+    step.  Here the frequencies of a token are evaluated once per rotated pair of dimensions
+    (TVM's own frequency functions, so scaled RoPE variants give the same numbers) and applied to
+    all its heads with vector arithmetic; a prefill's tokens run in parallel, a decode step's few
+    on one thread (a parallel region costs more than their work).  ``record`` holds the
+    parameters the kernel was built from (``kiln.rope``, see :func:`kiln.modeling._annotate_rope`).
     """
     from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 
@@ -643,6 +704,10 @@ def rope(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, record:
     scale = float(record["scale"])
     theta = float(record["theta"])
     H = num_q_heads + 2 * num_kv_heads
+    # dimensions d and d + R/2 rotate together by one angle in these variants (their frequency
+    # functions depend on d * 2 % R): evaluate it once; others evaluate every dimension
+    NF = half if scaling.get("rope_type") in (None, "default", "llama3", "yarn") else R
+    SH = half % NF  # where the second half's angles start
 
     def factor(pos, d, which):
         """``cos`` (``which`` 0) or ``sin`` (1) of the rotation of dimension ``d`` at ``pos``."""
@@ -653,10 +718,39 @@ def rope(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, record:
         return expr
 
     def rotated(qkv, s, h, d, cs, sn, first_half):
-        x = T.Cast("float32", qkv[s, h, d])
+        """Element ``d`` (first half) or ``d + half`` (second) of head ``h``, rotated."""
         if first_half:
-            return T.Cast(dtype, cs[d] * x - sn[d] * T.Cast("float32", qkv[s, h, d + half]))
-        return T.Cast(dtype, cs[d] * x + sn[d] * T.Cast("float32", qkv[s, h, d - half]))
+            return T.Cast(dtype, cs[d] * T.Cast("float32", qkv[s, h, d]) - sn[d] * T.Cast("float32", qkv[s, h, d + half]))
+        return T.Cast(dtype, cs[d + SH] * T.Cast("float32", qkv[s, h, d + half]) + sn[d + SH] * T.Cast("float32", qkv[s, h, d]))
+
+    @T.macro
+    def rope_token(qkv, position_map, q, k, v, apply_rope, s):
+        with T.sblock("rope"):
+            T.reads(qkv[s, 0:H, 0:head_dim], position_map[s])
+            T.writes(q[s, 0:num_q_heads, 0:head_dim], k[s, 0:num_kv_heads, 0:head_dim], v[s, 0:num_kv_heads, 0:head_dim])
+            cs = T.sblock_alloc_buffer((NF,), "float32")
+            sn = T.sblock_alloc_buffer((NF,), "float32")
+            for d in T.serial(NF):
+                cs[d] = T.if_then_else(apply_rope > T.int64(0), factor(position_map[s], d, 0), T.float32(1))
+                sn[d] = T.if_then_else(apply_rope > T.int64(0), factor(position_map[s], d, 1), T.float32(0))
+            for h in T.serial(num_q_heads):
+                for d in T.vectorized(half):
+                    q[s, h, d] = rotated(qkv, s, h, d, cs, sn, True)
+                for d in T.vectorized(half):
+                    q[s, h, d + half] = rotated(qkv, s, h, d, cs, sn, False)
+                if head_dim > R:
+                    for d in T.vectorized(head_dim - R):
+                        q[s, h, R + d] = qkv[s, h, R + d]
+            for h in T.serial(num_kv_heads):
+                for d in T.vectorized(half):
+                    k[s, h, d] = rotated(qkv, s, num_q_heads + h, d, cs, sn, True)
+                for d in T.vectorized(half):
+                    k[s, h, d + half] = rotated(qkv, s, num_q_heads + h, d, cs, sn, False)
+                if head_dim > R:
+                    for d in T.vectorized(head_dim - R):
+                        k[s, h, R + d] = qkv[s, h + num_q_heads, R + d]
+                for d in T.vectorized(head_dim):
+                    v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
 
     @T.prim_func(s_tir=True, private=True)
     def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
@@ -669,33 +763,12 @@ def rope(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, record:
         k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
         v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
         position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
-        for s in T.parallel(seq_len):
-            with T.sblock("rope"):
-                T.reads(qkv[s, 0:H, 0:head_dim], position_map[s])
-                T.writes(q[s, 0:num_q_heads, 0:head_dim], k[s, 0:num_kv_heads, 0:head_dim], v[s, 0:num_kv_heads, 0:head_dim])
-                cs = T.sblock_alloc_buffer((R,), "float32")
-                sn = T.sblock_alloc_buffer((R,), "float32")
-                for d in T.serial(R):
-                    cs[d] = T.if_then_else(apply_rope > T.int64(0), factor(position_map[s], d, 0), T.float32(1))
-                    sn[d] = T.if_then_else(apply_rope > T.int64(0), factor(position_map[s], d, 1), T.float32(0))
-                for h in T.serial(num_q_heads):
-                    for d in T.vectorized(half):
-                        q[s, h, d] = rotated(qkv, s, h, d, cs, sn, True)
-                    for d in T.vectorized(half):
-                        q[s, h, d + half] = rotated(qkv, s, h, d + half, cs, sn, False)
-                    if head_dim > R:
-                        for d in T.vectorized(head_dim - R):
-                            q[s, h, R + d] = qkv[s, h, R + d]
-                for h in T.serial(num_kv_heads):
-                    for d in T.vectorized(half):
-                        k[s, h, d] = rotated(qkv, s, num_q_heads + h, d, cs, sn, True)
-                    for d in T.vectorized(half):
-                        k[s, h, d + half] = rotated(qkv, s, num_q_heads + h, d + half, cs, sn, False)
-                    if head_dim > R:
-                        for d in T.vectorized(head_dim - R):
-                            k[s, h, R + d] = qkv[s, h + num_q_heads, R + d]
-                    for d in T.vectorized(head_dim):
-                        v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
+        if seq_len >= PARALLEL_TOKENS:
+            for s in T.parallel(seq_len):
+                rope_token(qkv, position_map, q, k, v, apply_rope, s)
+        else:
+            for s in T.serial(seq_len):
+                rope_token(qkv, position_map, q, k, v, apply_rope, s)
 
     return fused_rope
 
