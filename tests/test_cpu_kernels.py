@@ -74,6 +74,8 @@ GEMV_CASES = [  # (N, K, bits, asymmetric)
     (40, 576, 8, False),  # llama.cpp's Q8_0 grid, as kiln stores embeddings
     (24, 608, 4, False),  # 76 words: the last block overlaps the one before by 4 words
     (16, 544, 8, True),  # 136 words of 8-bit codes: 8 blocks of 16 and 8 over
+    (16, 4160, 4, True),  # long rows run in chunks of blocks (3 here), the last with the overlapping block
+    (8, 2080, 8, False),
 ]
 
 
@@ -103,11 +105,12 @@ def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes):
         assert np.abs(y - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
-def test_quantized_projection_does_not_depend_on_the_batch():
+@pytest.mark.parametrize("k", [576, 4160])  # whole rows; rows in chunks for the larger tiles
+def test_quantized_projection_does_not_depend_on_the_batch(k):
     """A row's result is bit for bit the same alone and in any batch: batching must not change
     what a request generates."""
     rng = np.random.default_rng(1)
-    n, k = 64, 576
+    n = 64
     qw, qs, qm = random_weights(rng, n, k, 4, True)
     fn = build(ck.quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", LANES, batch_first=False))
     x = rng.standard_normal((1, 75, k)).astype(np.float32)

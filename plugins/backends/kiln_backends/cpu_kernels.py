@@ -32,7 +32,10 @@ its inner loop is integer arithmetic, as llama.cpp's is:
   decode step streams the whole model from memory, and the hardware prefetcher alone left the
   kernel at half the bandwidth it reaches with the hint;
 * long inputs (prefill) run in chunks of ``CHUNK_ROWS`` activation rows, so the quantized
-  activations stay in the core's cache while every weight row passes over them.
+  activations stay in the core's cache while every weight row passes over them; long rows (more
+  than 1536 columns for a tile of 8 activation rows) run in chunks of blocks, so a tile's
+  activations stay in the L1 cache for all the weight rows of a task, with the partial sums
+  kept in a small buffer in between (same arithmetic, same results).
 
 The kernel keeps the signature of the ``q_matmul`` PrimFunc kiln's quantized layers emit;
 :func:`replace_kernels` swaps it in.
@@ -56,6 +59,7 @@ CHUNK_ROWS = 64  # activation rows re-laid out (and kept in cache) at a time
 PARALLEL_RELAYOUT = 8  # chunks of at least this many rows are re-laid out by all threads
 INT16_STEPS = 32767  # activation quantization: steps from 0 to a group's largest magnitude
 PARALLEL_TOKENS = 16  # RoPE and cache appends of fewer tokens run on one thread
+L1_ACTIVATION_BYTES = 32 << 10  # most of a tile's quantized activations per chunk (48 KiB L1)
 PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
 
 
@@ -85,6 +89,20 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     NBX = NB + 1 if OVERLAP else NB  # full-width blocks per row
     SHIFT = L - TAIL if OVERLAP else 0  # words the tail's activations move by
     XW = NBX * L if OVERLAP else W  # words of a quantized activation row
+
+    def chunks(n_batch):
+        """Chunks of blocks for a tile of ``n_batch`` activation rows.  Long rows run in chunks,
+        so that the tile's quantized activations stay in the L1 cache while its weight rows pass
+        over them (8 rows x 4096 columns are 64 KiB: from L2 the kernel ran at half speed; up to
+        2048 columns, 32 KiB, chunks only cost time); partial sums wait in a small buffer
+        between chunks.  A lone row's activations fit whole."""
+        most = max(1, L1_ACTIVATION_BYTES // (n_batch * L * 4 * (16 // bits)))  # blocks
+        return max(1, -(-NBX // most))
+
+    def chunk_blocks(n_batch):
+        """Blocks per chunk: the row's blocks shared out evenly."""
+        return -(-NBX // chunks(n_batch))
+
     MASK = (1 << bits) - 1
     Q = 16 // bits  # codes per 16-bit half word
     H = 2 * W  # half words per weight row
@@ -155,19 +173,10 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         full = make_block(L, n_batch, n_rows_side)
         tail = make_block(TAIL, n_batch, n_rows_side) if TAIL and not OVERLAP else None
         NA = n_batch * n_rows_side  # one accumulator per output
+        CB = chunk_blocks(n_batch)
 
         @T.macro
-        def tile(qh, qs, qm, y, xq, xs, xd, n, b0, yb0):
-            with T.sblock("tile"):
-                acc = T.sblock_alloc_buffer((NA, L), "float32")
-                sv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
-                for a in T.unroll(NA):
-                    for l in T.vectorized(L):
-                        acc[a, l] = T.float32(0)
-                for kb in T.serial(NBX):
-                    full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
-                if TAIL > 0 and not OVERLAP:  # the whole row is narrower than a block
-                    tail(qh, qs, xq, xd, acc, sv, n, 0, 0, b0)
+        def finish(qs, qm, y, xs, acc, n, b0, yb0):
                 # the minima meet each group's float activation sum: one multiply-add per group
                 for a in T.unroll(NA):
                     for gc in T.serial(G // L):
@@ -187,12 +196,107 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                         y[yb0 + a % n_batch, 0, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
                     else:
                         y[0, yb0 + a % n_batch, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
-        return tile
 
-    tile_big = make_tile(BT, 1)
-    tile_four = make_tile(4, 1)
-    tile_two = make_tile(2, 1)
-    tile_lone = make_tile(1, RB)
+        @T.macro
+        def tile(qh, qs, qm, y, xq, xs, xd, n, b0, yb0):
+            with T.sblock("tile"):
+                acc = T.sblock_alloc_buffer((NA, L), "float32")
+                sv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
+                for a in T.unroll(NA):
+                    for l in T.vectorized(L):
+                        acc[a, l] = T.float32(0)
+                for kb in T.serial(NBX):
+                    full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
+                if TAIL > 0 and not OVERLAP:  # the whole row is narrower than a block
+                    tail(qh, qs, xq, xd, acc, sv, n, 0, 0, b0)
+                finish(qs, qm, y, xs, acc, n, b0, yb0)
+
+        @T.macro
+        def part(qh, qs, xq, xd, n, b0, saved, slot, kc):
+            """Chunk ``kc`` of the blocks, added to the tile's partial sums in ``saved[slot]``."""
+            with T.sblock("tile"):
+                acc = T.sblock_alloc_buffer((NA, L), "float32")
+                sv = T.sblock_alloc_buffer((n_rows_side, L), "float32")
+                for a in T.unroll(NA):
+                    for l in T.vectorized(L):
+                        acc[a, l] = saved[slot, a, l]
+                for kb in T.serial(kc * CB, T.min(NBX, kc * CB + CB)):
+                    full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
+                for a in T.unroll(NA):
+                    for l in T.vectorized(L):
+                        saved[slot, a, l] = acc[a, l]
+
+        @T.macro
+        def last(qs, qm, y, xs, n, b0, yb0, saved, slot):
+            with T.sblock("tile"):
+                acc = T.sblock_alloc_buffer((NA, L), "float32")
+                for a in T.unroll(NA):
+                    for l in T.vectorized(L):
+                        acc[a, l] = saved[slot, a, l]
+                finish(qs, qm, y, xs, acc, n, b0, yb0)
+
+        nch = chunks(n_batch)
+        per = RT // n_rows_side  # tiles per task
+
+        @T.macro
+        def whole(qh, qs, qm, y, xq, xs, xd, no, b0, yb0):
+            """The task's ``RT`` weight rows times activation rows ``b0 ..``, tile by tile."""
+            for r in T.serial(per):
+                tile(qh, qs, qm, y, xq, xs, xd, no * RT + r * n_rows_side, b0, yb0)
+
+        @T.macro
+        def chunked(qh, qs, qm, y, xq, xs, xd, no, b0, yb0):
+            """The same, chunk by chunk: each chunk of activations serves all the task's weight
+            rows while it is in L1, and the partial sums wait in a small buffer.  Same results."""
+            with T.sblock("chunked"):
+                saved = T.sblock_alloc_buffer((per, NA, L), "float32")
+                for r in T.serial(per):
+                    for a in T.serial(NA):
+                        for l in T.vectorized(L):
+                            saved[r, a, l] = T.float32(0)
+                for kc in T.serial(nch):
+                    for r in T.serial(per):
+                        part(qh, qs, xq, xd, no * RT + r * n_rows_side, b0, saved, r, kc)
+                for r in T.serial(per):
+                    last(qs, qm, y, xs, no * RT + r * n_rows_side, b0, yb0, saved, r)
+        return whole, (chunked if nch > 1 else whole), nch > 1
+
+    big, big_c, big_chunked = make_tile(BT, 1)
+    four, four_c, four_chunked = make_tile(4, 1)
+    two, two_c, two_chunked = make_tile(2, 1)
+    lone, lone_c, lone_chunked = make_tile(1, RB)
+
+    def make_task(big, four, two, lone):
+        @T.macro
+        def task(qh, qs, qm, y, xq, xs, xd, qw, no, nb, mc):
+            """Weight rows ``no * RT ..`` times the chunk's ``nb`` activation rows: tiles of BT
+            rows, then one of 4 and one of 2 for the rest, then a lone row."""
+            for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
+                T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
+                    qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
+            for bt in T.serial(nb // BT):
+                big(qh, qs, qm, y, xq, xs, xd, no, bt * BT, mc * MC + bt * BT)
+            if nb % BT >= 4:
+                four(qh, qs, qm, y, xq, xs, xd, no, nb // BT * BT, mc * MC + nb // BT * BT)
+            if nb % 4 >= 2:
+                two(qh, qs, qm, y, xq, xs, xd, no, nb // 4 * 4, mc * MC + nb // 4 * 4)
+            if nb % 2 == 1:
+                lone(qh, qs, qm, y, xq, xs, xd, no, nb - 1, mc * MC + nb - 1)
+        return task
+
+    task_whole = make_task(big, four, two, lone)
+    task_chunked = make_task(big_c, four_c, two_c, lone_c)
+
+    def chunks_run(nb):
+        """Whether a batch of ``nb`` activation rows has a tile that runs in chunks."""
+        conds = [c for on, c in ((big_chunked, nb >= BT), (four_chunked, nb % BT >= 4),
+                                 (two_chunked, nb % 4 >= 2), (lone_chunked, nb % 2 == 1)) if on]
+        if not conds:
+            return False
+        expr = conds[0]
+        for c in conds[1:]:
+            expr = tvm.tirx.Or(expr, c)
+        return expr
 
     def moved(g):
         """Words group ``g``'s activations move by in the quantized row."""
@@ -237,23 +341,15 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 else:
                     for b in T.serial(nb):
                         relayout(x, xq, xs, xd, b, mc * MC + b)
-                for no in T.parallel(n_rows // RT):
-                    for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
-                        T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
-                            qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
-                    # tiles of BT rows, then one of 4 and one of 2 for the rest, then a lone row
-                    for bt in T.serial(nb // BT):
-                        for r in T.serial(RT):
-                            tile_big(qh, qs, qm, y, xq, xs, xd, no * RT + r, bt * BT, mc * MC + bt * BT)
-                    if nb % BT >= 4:
-                        for r in T.serial(RT):
-                            tile_four(qh, qs, qm, y, xq, xs, xd, no * RT + r, nb // BT * BT, mc * MC + nb // BT * BT)
-                    if nb % 4 >= 2:
-                        for r in T.serial(RT):
-                            tile_two(qh, qs, qm, y, xq, xs, xd, no * RT + r, nb // 4 * 4, mc * MC + nb // 4 * 4)
-                    if nb % 2 == 1:
-                        for r in T.serial(RT // RB):
-                            tile_lone(qh, qs, qm, y, xq, xs, xd, no * RT + r * RB, nb - 1, mc * MC + nb - 1)
+                # Rows long enough to be chunked take a buffer for partial sums, which TVM
+                # allocates at the top of every task: batches that chunk nothing (a single
+                # sequence's decode step) run a loop without it.
+                if chunks_run(nb):
+                    for no in T.parallel(n_rows // RT):
+                        task_chunked(qh, qs, qm, y, xq, xs, xd, qw, no, nb, mc)
+                else:
+                    for no in T.parallel(n_rows // RT):
+                        task_whole(qh, qs, qm, y, xq, xs, xd, qw, no, nb, mc)
 
     if has_min:
         @T.prim_func(s_tir=True, private=True)
