@@ -177,25 +177,32 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
 
         @T.macro
         def finish(qs, qm, y, xs, acc, n, b0, yb0):
-                # the minima meet each group's float activation sum: one multiply-add per group
-                for a in T.unroll(NA):
-                    for gc in T.serial(G // L):
-                        acc[a, span(0, L)] = acc[a, span(0, L)] + minimum(qs, qm, n + a // n_batch, gc * L, L) * xs[b0 + a % n_batch, span(gc * L, L)]
-                    if G % L > 0:
-                        acc[a, span(0, G % L)] = acc[a, span(0, G % L)] + minimum(qs, qm, n + a // n_batch, G // L * L, G % L) * xs[b0 + a % n_batch, span(G // L * L, G % L)]
-                for a in T.unroll(NA):
-                    if L >= 16:
-                        for l in T.vectorized(8):
-                            acc[a, l] = acc[a, l] + acc[a, l + 8]
-                    if L >= 8:
-                        for l in T.vectorized(4):
-                            acc[a, l] = acc[a, l] + acc[a, l + 4]
-                    for l in T.vectorized(2):
-                        acc[a, l] = acc[a, l] + acc[a, l + 2]
-                    if batch_first:
-                        y[yb0 + a % n_batch, 0, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
-                    else:
-                        y[0, yb0 + a % n_batch, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
+            # the minima meet each group's float activation sum: one multiply-add per group
+            for a in T.unroll(NA):
+                for gc in T.serial(G // L):
+                    acc[a, span(0, L)] = acc[a, span(0, L)] + minimum(qs, qm, n + a // n_batch, gc * L, L) * xs[b0 + a % n_batch, span(gc * L, L)]
+                if G % L > 0:
+                    acc[a, span(0, G % L)] = acc[a, span(0, G % L)] + minimum(qs, qm, n + a // n_batch, G // L * L, G % L) * xs[b0 + a % n_batch, span(G // L * L, G % L)]
+            for a in T.unroll(NA):
+                if L >= 16:
+                    for l in T.vectorized(8):
+                        acc[a, l] = acc[a, l] + acc[a, l + 8]
+                if L >= 8:
+                    for l in T.vectorized(4):
+                        acc[a, l] = acc[a, l] + acc[a, l + 4]
+                for l in T.vectorized(2):
+                    acc[a, l] = acc[a, l] + acc[a, l + 2]
+                if batch_first:
+                    y[yb0 + a % n_batch, 0, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
+                else:
+                    y[0, yb0 + a % n_batch, n + a // n_batch] = T.Cast(out_dtype, acc[a, 0] + acc[a, 1])
+
+        @T.macro
+        def blocks(qh, qs, xq, xd, acc, sv, n, b0, kb0, kb1):
+            """Blocks ``[kb0, kb1)``; the last of a row that overlaps (``OVERLAP``) starts at
+            weight word ``W - L``, against its own block of activations."""
+            for kb in T.serial(kb0, kb1):
+                full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
 
         @T.macro
         def tile(qh, qs, qm, y, xq, xs, xd, n, b0, yb0):
@@ -205,8 +212,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         acc[a, l] = T.float32(0)
-                for kb in T.serial(NBX):
-                    full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
+                blocks(qh, qs, xq, xd, acc, sv, n, b0, 0, NBX)
                 if TAIL > 0 and not OVERLAP:  # the whole row is narrower than a block
                     tail(qh, qs, xq, xd, acc, sv, n, 0, 0, b0)
                 finish(qs, qm, y, xs, acc, n, b0, yb0)
@@ -220,8 +226,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         acc[a, l] = saved[slot, a, l]
-                for kb in T.serial(kc * CB, T.min(NBX, kc * CB + CB)):
-                    full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
+                blocks(qh, qs, xq, xd, acc, sv, n, b0, kc * CB, T.min(NBX, kc * CB + CB))
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         saved[slot, a, l] = acc[a, l]
