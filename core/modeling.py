@@ -167,6 +167,24 @@ class Embedding(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model base
+class _CastingKVCache:
+    """A paged KV cache kept in another dtype than the model's (float16 for float32 models):
+    TVM's cache takes queries, keys and values in its own dtype and returns the attention output
+    in it, so the fused QKV goes in cast and the output comes back cast.  Model code calls
+    ``attention_with_fused_qkv`` as on the cache itself."""
+
+    def __init__(self, cache: PagedKVCache, dtype: str):
+        self._cache = cache
+        self._dtype = dtype
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
+        out = self._cache.attention_with_fused_qkv(layer_id, qkv.astype(self._dtype), num_qo_heads, sm_scale=sm_scale)
+        return out.astype(qkv.dtype)
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
 class CausalLM(nn.Module):
     """Base of every decoder-only model: the compiled entry points and the paged KV cache.
 
@@ -177,6 +195,11 @@ class CausalLM(nn.Module):
     config: ModelConfig
     dtype: str = "float32"
     target = None  # the tvm.target.Target being compiled for; set by kiln's compile pipeline
+    kv_cache_dtype: str | None = None  # the KV cache's dtype, when not ``dtype`` (set by build_model)
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.kv_cache_dtype or self.dtype
 
     def embed(self, input_ids: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -196,13 +219,19 @@ class CausalLM(nn.Module):
         logits = self.get_logits(hidden)
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
+    def _cache(self, paged_kv_cache: PagedKVCache):
+        """The cache as ``body`` sees it: one that takes and returns the model dtype."""
+        if self.kv_dtype == self.dtype:
+            return paged_kv_cache
+        return _CastingKVCache(paged_kv_cache, self.kv_dtype)
+
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.body(input_embeds, paged_kv_cache)
+        hidden = self.body(input_embeds, self._cache(paged_kv_cache))
         hidden = take(hidden, logit_positions, axis=1)
         return self._logits(hidden), paged_kv_cache
 
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
-        hidden = self.body(input_embeds, paged_kv_cache)
+        hidden = self.body(input_embeds, self._cache(paged_kv_cache))
         return self._logits(hidden), paged_kv_cache
 
     def create_paged_kv_cache(  # pylint: disable=too-many-arguments
@@ -237,7 +266,7 @@ class CausalLM(nn.Module):
             rope_ext_factors=relax.prim_value(0),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             target=self.target,
         )
         _annotate_rope(theta, scale, scaling, c.head_dim)

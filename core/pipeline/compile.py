@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from .. import __version__
 from ..errors import CompileError, ConfigError, UnknownNameError, UsageError, did_you_mean
+from ..quantization import kv_dtype
 from ..registry import get_registry
 from .gen_config import read_chat_config
 from .model import apply_overrides, build_model, check_supported, parse_overrides, parse_value
@@ -128,6 +129,7 @@ def compile_model(
             "head_dim", *SIZE_FIELDS,
         )},
         "model_dtype": quant.scheme.model_dtype,
+        "kv_cache_dtype": kv_dtype(quant.scheme),
         "params": built.stored_params(),
     }
     mod = attach_metadata(mod, metadata)

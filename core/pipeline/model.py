@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..quantization import kv_dtype
 from ..specs import ArchitectureSpec, QuantizationSpec
 
 
@@ -88,6 +89,7 @@ def parse_value(value: str):
 def build_model(arch: ArchitectureSpec, config, quant: QuantizationSpec, target=None) -> BuiltModel:
     model = arch.model_factory(config)
     model.to(quant.scheme.model_dtype)
+    model.kv_cache_dtype = kv_dtype(quant.scheme)
     float_params = [(name, tuple(int(s) for s in p.shape), p.dtype) for name, p in model.named_parameters()]
     plan = quant.scheme.quantize_model(model)
     if target is not None:

@@ -26,12 +26,20 @@ class QuantScheme(Protocol):
 
     kind: str
     model_dtype: str
+    # optional: the dtype of the KV cache, when it differs from ``model_dtype`` (see ``kv_dtype``)
+    # kv_cache_dtype: str | None
 
     def quantize_model(self, model) -> QuantizePlan: ...
+
+
+def kv_dtype(scheme) -> str:
+    """The dtype a model quantized with ``scheme`` keeps its KV cache in: the scheme's
+    ``kv_cache_dtype`` if it declares one, else its ``model_dtype``."""
+    return getattr(scheme, "kv_cache_dtype", None) or scheme.model_dtype
 
 
 from .group import GroupQuant, dequantize_groups, pack_codes, quantize_groups, unpack_codes  # noqa: E402
 from .noquant import NoQuant  # noqa: E402
 
-__all__ = ["QuantScheme", "QuantizePlan", "GroupQuant", "NoQuant", "quantize_groups", "dequantize_groups",
+__all__ = ["QuantScheme", "QuantizePlan", "kv_dtype", "GroupQuant", "NoQuant", "quantize_groups", "dequantize_groups",
            "pack_codes", "unpack_codes"]

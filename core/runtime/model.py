@@ -123,6 +123,8 @@ class LoadedModel:
         self.prefill_chunk_size = mc["prefill_chunk_size"]
         self.max_batch_size = mc["max_batch_size"]
         self.model_dtype = self.metadata["model_dtype"]
+        # libraries compiled before the KV cache had a dtype of its own kept it in the model's
+        self.kv_cache_dtype = self.metadata.get("kv_cache_dtype", self.model_dtype)
         self._embed = self.vm["embed"]
         self._prefill = self.vm["batch_prefill"]
         self._decode = self.vm["batch_decode"]
@@ -181,7 +183,7 @@ class LoadedModel:
 
     def kv_bytes_per_token(self) -> int:
         mc = self.metadata["model_config"]
-        itemsize = np.dtype(self.model_dtype).itemsize
+        itemsize = np.dtype(self.kv_cache_dtype).itemsize
         return 2 * mc["num_hidden_layers"] * mc["num_key_value_heads"] * mc["head_dim"] * itemsize
 
     def add_sequence(self, seq_id: int) -> None:
