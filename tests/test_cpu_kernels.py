@@ -236,28 +236,31 @@ def attention_reference(q, keys, values, causal_offset=None):
     return out, lse
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (6, 2, 24)])
-def test_decode_attention_matches_numpy(heads, kv_heads, dim):
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype", [(9, 3, 64, "float32"), (4, 4, 32, "float32"), (6, 2, 24, "float32"),
+                                                    (9, 3, 64, "float16"), (6, 2, 24, "float16")])
+def test_decode_attention_matches_numpy(heads, kv_heads, dim, dtype):
+    """float16: the cache of the 4-bit schemes; the output is rounded to float16 (2**-11)."""
     rng = np.random.default_rng(heads * dim)
     page = 16
     lengths = [1, 16, 37, 100]  # one token, a full page, partly filled last pages
-    fn = build(ck.decode_attention(heads, kv_heads, dim, "float32", page))
+    fn = build(ck.decode_attention(heads, kv_heads, dim, dtype, page))
     n_pages = [-(-n // page) for n in lengths]
-    pages = rng.standard_normal((sum(n_pages) + 2, 2, kv_heads, page, dim)).astype(np.float32)
+    pages = rng.standard_normal((sum(n_pages) + 2, 2, kv_heads, page, dim)).astype(dtype)
     order = rng.permutation(sum(n_pages)).astype(np.int32)  # pages scattered through the pool
     indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
     last = np.array([n - (p - 1) * page for n, p in zip(lengths, n_pages)], np.int32)
-    q = rng.standard_normal((len(lengths), heads, dim)).astype(np.float32)
+    q = rng.standard_normal((len(lengths), heads, dim)).astype(dtype)
     zeros = np.zeros(len(lengths), np.int32)
     out, lse = run(fn, [q, pages, indptr, order, last, zeros, zeros],
-                   [((len(lengths), heads, dim), "float32"), ((len(lengths), heads), "float32")],
+                   [((len(lengths), heads, dim), dtype), ((len(lengths), heads), "float32")],
                    0, 1.0, 1e4, dim**-0.5)
+    tol = 1e-5 if dtype == "float32" else 2e-3
     for b, n in enumerate(lengths):
         mine = order[indptr[b]:indptr[b + 1]]
         keys = pages[mine, 0].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n].transpose(1, 0, 2)
         values = pages[mine, 1].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n].transpose(1, 0, 2)
         ref, ref_lse = attention_reference(q[b:b + 1], keys, values)
-        np.testing.assert_allclose(out[b], ref[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[b].astype(np.float64), ref[0], rtol=tol, atol=tol)
         np.testing.assert_allclose(lse[b], ref_lse[0], rtol=1e-5, atol=1e-5)
 
 
@@ -285,21 +288,22 @@ def test_prefill_attention_matches_numpy(heads, kv_heads, dim):
 
 
 # ------------------------------------------------------------------------ RoPE
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("tokens", [3, 40], ids=["decode", "prefill"])  # one thread; in parallel
-def test_kv_append_equals_tvms_kernel(tokens):
+def test_kv_append_equals_tvms_kernel(tokens, dtype):
     """Every token lands in its slot (keys and values, every head), -1 slots are skipped, and
     nothing else in the pool changes: exactly what TVM's kernel does."""
     from tvm.relax.frontend.nn.llm.kv_cache import _kv_cache_transpose_append
 
     kv_heads, dim, page = 3, 64, 16
     rng = np.random.default_rng(tokens)
-    pages = rng.standard_normal((8, 2, kv_heads, page, dim)).astype(np.float32)
-    k = rng.standard_normal((tokens, kv_heads, dim)).astype(np.float32)
-    v = rng.standard_normal((tokens, kv_heads, dim)).astype(np.float32)
+    pages = rng.standard_normal((8, 2, kv_heads, page, dim)).astype(dtype)
+    k = rng.standard_normal((tokens, kv_heads, dim)).astype(dtype)
+    v = rng.standard_normal((tokens, kv_heads, dim)).astype(dtype)
     slots = rng.permutation(8 * page)[:tokens].astype(np.int32)
     slots[1] = -1  # a token not to cache
     results = []
-    for fn in (build(ck.kv_append(kv_heads, dim, "float32", page)), build(_kv_cache_transpose_append(kv_heads, dim, "float32"))):
+    for fn in (build(ck.kv_append(kv_heads, dim, dtype, page)), build(_kv_cache_transpose_append(kv_heads, dim, dtype))):
         pool = tvm.runtime.tensor(pages.copy())
         fn(pool, tvm.runtime.tensor(k), tvm.runtime.tensor(v), tvm.runtime.tensor(slots))
         results.append(pool.numpy())

@@ -456,14 +456,15 @@ def replace_kernels(target: tvm.target.Target):
 
 # ---------------------------------------------------------------------------------------- attention
 LOG2E = 1.4426950408889634
-def _attention_state(D: int, KB: int, VL: int, G: int, key_at, value_at):
+def _attention_state(D: int, KB: int, VL: int, G: int, key_at, value_at, prefetch=None):
     """Macros for the ``G`` query heads that share one key/value head (grouped-query attention),
     for one query token, over blocks of ``KB`` keys: online softmax in base 2 (TVM's convention:
     scores carry ``log2 e``, ``lse`` is a log2-sum-exp).  Each key and value is read once for the
     whole group: attention over a long cache is bound by these reads.
 
     ``key_at(kbuf, base, hk, t, d)`` and ``value_at(vbuf, base, hk, t, d)`` load key/value ``t`` of
-    the block at ``base`` (a page, or a first row).
+    the block at ``base`` (a page, or a first row).  ``prefetch(kbuf, next_base, hk, t)``, if
+    given, is called once per key with the next block's base (``block``'s ``next_base``).
     """
     NCH = D // VL
 
@@ -477,10 +478,12 @@ def _attention_state(D: int, KB: int, VL: int, G: int, key_at, value_at):
             st[g, 1] = T.float32(0)  # running denominator
 
     @T.macro
-    def block(qv, o, s, dot, st, kbuf, vbuf, base, hk, n_rows):
+    def block(qv, o, s, dot, st, kbuf, vbuf, base, hk, n_rows, next_base=0):
         for g in T.serial(G):
             st[g, 3] = T.float32(-5e4)  # block max
         for t in T.serial(KB):
+            if prefetch is not None:
+                prefetch(kbuf, next_base, hk, t)
             if t < n_rows:
                 for g in T.unroll(G):
                     for l in T.vectorized(VL):
@@ -539,14 +542,28 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
     Here every (sequence, key/value head) is a task spread over threads, for all the query heads
     that share the key/value head (each cached key is read once per group); a page's scores are
     computed with vectorized dot products, exponentiated together (:func:`fast_exp2`), and one
-    online-softmax update per page rescales the vectorized output accumulator.  RoPE must have
-    been applied before caching (kiln's models do); the kernel refuses ``rotary_mode`` 1.
+    online-softmax update per page rescales the vectorized output accumulator.  While a page is
+    read, each key's step prefetches the same key and value of the sequence's next page: at 8
+    sequences of 300 tokens this halved the time (the caches are read at ~33 GB/s instead of ~18).
+    RoPE must have been applied before caching (kiln's models do); the kernel refuses
+    ``rotary_mode`` 1.
     """
     H_qo, H_kv, D, PS = num_qo_heads, num_kv_heads, head_dim, page_size
     GROUP = H_qo // H_kv
     VL = _vector_lanes(D)
+    ELEM = tvm.DataType(dtype).bits // 8
+
+    def prefetch(buf, page, hk, t):
+        """Key and value ``t`` of the next page, one cache line at a time: spread over the page's
+        keys, the hints keep the cache's reads in flight (8 sequences' caches are far larger
+        than the L3, and the hardware prefetcher does not follow the page table)."""
+        for kv in range(2):
+            for c in range(-(-D * ELEM // 64)):
+                T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(buf[page, kv, hk, t, c * 64 // ELEM]), 0, 3, 1))
+
     start, block, finish = _attention_state(
-        D, PS, VL, GROUP, lambda buf, pg, hk, t, d: buf[pg, 0, hk, t, d], lambda buf, pg, hk, t, d: buf[pg, 1, hk, t, d])
+        D, PS, VL, GROUP, lambda buf, pg, hk, t, d: buf[pg, 0, hk, t, d], lambda buf, pg, hk, t, d: buf[pg, 1, hk, t, d],
+        prefetch)
 
     @T.prim_func(s_tir=True, private=True)
     def batch_decode_paged_kv(
@@ -601,7 +618,8 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
                 start(qv, o, st, Q, b, hk, sm_scale)
                 for p in T.serial(n_pages):
                     block(qv, o, s, dot, st, pages, pages, page_table_values[begin + p], hk,
-                          T.if_then_else(p == n_pages - 1, length_info[b], PS))
+                          T.if_then_else(p == n_pages - 1, length_info[b], PS),
+                          page_table_values[begin + T.min(p + 1, n_pages - 1)])
                 finish(o, st, output, lse, b, hk, dtype)
 
     return batch_decode_paged_kv
