@@ -152,3 +152,23 @@ def test_errors_from_the_command_line(built, tmp_path):
     res = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", str(built.model_dir), "--model-lib", str(built.lib),
                           "--gen-tokens", "-3"], capture_output=True, text=True, env=env)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["error: --gen-tokens must be at least 1, got -3"]
+
+
+def test_perf_kernels_finds_each_kernels_parallel_body(built):
+    """bench/perf_kernels.py attributes samples through the address each ``__tvm_ffi_`` wrapper
+    takes of its parallel body: every kernel of a compiled library that runs on the thread pool
+    must have one (else the tool would charge its time to whatever symbol precedes it)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "perf_kernels.py"
+    spec = importlib.util.spec_from_file_location("perf_kernels", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    names = list(tool.kernel_starts(str(built.lib)).values())
+    bodies = [n for n in names if n.endswith("@body")]
+    assert {"batch_decode_paged_kv_cpu@body", "rms_norm@body", "swiglu@body"} <= set(bodies)
+    assert bodies.count("batch_decode_paged_kv_cpu@body") == 1  # string constants the wrapper loads are not bodies
+    assert all("__tvm_ffi_" + b[:-len("@body")] in names for b in bodies)
+    res = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "give the command to profile after --" in res.stderr
