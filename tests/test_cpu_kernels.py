@@ -287,6 +287,40 @@ def test_prefill_attention_matches_numpy(heads, kv_heads, dim):
             np.testing.assert_allclose(lse[rows], ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,dtype", [(9, 3, 64, "float32"), (4, 4, 32, "float32"), (9, 3, 64, "float16")])
+def test_paged_prefill_attention_matches_numpy(heads, kv_heads, dim, dtype):
+    """A prefill chunk's queries against the keys cached before it (a prompt longer than a chunk,
+    a chat's next turn): sequences with several pages, a partly filled last page, one page, none;
+    causal (row i sees the cache up to its own position) and not."""
+    rng = np.random.default_rng(heads + dim + len(dtype))
+    page = 16
+    cached, q_lens = [37, 16, 0, 100], [5, 1, 3, 20]
+    fn = build(ck.paged_prefill_attention(heads, kv_heads, dim, dtype, page))
+    n_pages = [-(-n // page) for n in cached]
+    pages = rng.standard_normal((sum(n_pages) + 2, 2, kv_heads, page, dim)).astype(dtype)
+    order = rng.permutation(sum(n_pages) + 2)[:sum(n_pages)].astype(np.int32)  # scattered through the pool
+    page_ptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
+    last = np.array([n - (p - 1) * page if p else 0 for n, p in zip(cached, n_pages)], np.int32)
+    q_ptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = rng.standard_normal((sum(q_lens), heads, dim)).astype(dtype)
+    tol = 1e-5 if dtype == "float32" else 2e-3
+    for causal in (0, 1):
+        out, lse = run(fn, [q, q_ptr, pages, page_ptr, order, last, np.zeros(4, np.int32), np.zeros(sum(q_lens), np.int32)],
+                       [((sum(q_lens), heads, dim), dtype), ((sum(q_lens), heads), "float32")],
+                       causal, 0, 1.0, 1e4, dim**-0.5)
+        for b, (n, nq) in enumerate(zip(cached, q_lens)):
+            rows = slice(q_ptr[b], q_ptr[b + 1])
+            if n == 0:  # nothing cached: no weight in the merge with the chunk's own attention
+                assert np.all(out[rows] == 0) and np.all(lse[rows] < -1e4)
+                continue
+            mine = order[page_ptr[b]:page_ptr[b + 1]]
+            keys = pages[mine, 0].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n].transpose(1, 0, 2)
+            values = pages[mine, 1].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n].transpose(1, 0, 2)
+            ref, ref_lse = attention_reference(q[rows], keys, values, n - nq if causal else None)
+            np.testing.assert_allclose(out[rows].astype(np.float64), ref, rtol=tol, atol=tol, err_msg=f"causal={causal}")
+            np.testing.assert_allclose(lse[rows], ref_lse, rtol=1e-5, atol=1e-5, err_msg=f"causal={causal}")
+
+
 # ------------------------------------------------------------------------ RoPE
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("tokens", [3, 40], ids=["decode", "prefill"])  # one thread; in parallel

@@ -417,13 +417,14 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int):
 
 def replace_kernels(target: tvm.target.Target):
     """Module pass: swap kiln's hand-written kernels in for the ``q_matmul`` PrimFuncs of its
-    quantized layers and for TVM's CPU decode attention, prefill (ragged) attention, KV cache append and RoPE
-    kernels.  Each keeps the signature (and the global symbol) of the kernel it replaces; a
+    quantized layers and for TVM's CPU decode attention, prefill attention (ragged and paged), KV cache append
+    and RoPE kernels.  Each keeps the signature (and the global symbol) of the kernel it replaces; a
     kernel whose shapes it does not take stays as it is, for the schedule rules."""
     from .cpu_schedules import vector_bits
 
     lanes = max(vector_bits(target) // 32, 4)
     by_symbol = {"batch_decode_paged_kv_cpu": _decode_attention_for, "batch_prefill_ragged_kv": _prefill_attention_for,
+                 "batch_prefill_paged_kv_cpu": _paged_prefill_attention_for,
                  "tir_kv_cache_transpose_append": _kv_append_for}
 
     @tvm.transform.module_pass(opt_level=0, name="KilnReplaceKernels")
@@ -534,6 +535,20 @@ def _vector_lanes(head_dim: int) -> int:
     return 16 if head_dim % 16 == 0 else 8 if head_dim % 8 == 0 else 4 if head_dim % 4 == 0 else 1
 
 
+def _next_page_prefetch(head_dim: int, dtype: str):
+    """``prefetch(pages, page, hk, t)``: key and value ``t`` of ``page``, one hint per cache line.
+    Issued for the next page at each key step of the current one, the hints keep the cache's
+    reads in flight (8 sequences' caches are far larger than the L3, and the hardware prefetcher
+    does not follow the page table)."""
+    elem = tvm.DataType(dtype).bits // 8
+
+    def prefetch(buf, page, hk, t):
+        for kv in range(2):
+            for c in range(-(-head_dim * elem // 64)):
+                T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(buf[page, kv, hk, t, c * 64 // elem]), 0, 3, 1))
+    return prefetch
+
+
 def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, page_size: int):
     """Paged-KV decode attention: one query token per sequence against its cached keys/values.
 
@@ -551,19 +566,9 @@ def decode_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype:
     H_qo, H_kv, D, PS = num_qo_heads, num_kv_heads, head_dim, page_size
     GROUP = H_qo // H_kv
     VL = _vector_lanes(D)
-    ELEM = tvm.DataType(dtype).bits // 8
-
-    def prefetch(buf, page, hk, t):
-        """Key and value ``t`` of the next page, one cache line at a time: spread over the page's
-        keys, the hints keep the cache's reads in flight (8 sequences' caches are far larger
-        than the L3, and the hardware prefetcher does not follow the page table)."""
-        for kv in range(2):
-            for c in range(-(-D * ELEM // 64)):
-                T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(buf[page, kv, hk, t, c * 64 // ELEM]), 0, 3, 1))
-
     start, block, finish = _attention_state(
         D, PS, VL, GROUP, lambda buf, pg, hk, t, d: buf[pg, 0, hk, t, d], lambda buf, pg, hk, t, d: buf[pg, 1, hk, t, d],
-        prefetch)
+        _next_page_prefetch(D, dtype))
 
     @T.prim_func(s_tir=True, private=True)
     def batch_decode_paged_kv(
@@ -721,6 +726,118 @@ def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype
                 finish(o, st, output, lse, row, hk, dtype)
 
     return batch_prefill_ragged_kv
+
+
+def paged_prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, page_size: int):
+    """A prefill chunk's queries against the sequence's cached keys/values (the "paged" part of
+    a chunked prefill, a prompt beyond one chunk, a chat's next turn or a prefix-cache hit: the
+    tokens before the chunk; the ragged kernel covers the chunk itself and the two are merged by
+    ``lse``).
+
+    Same signature and results as TVM's CPU ``batch_prefill_paged_kv_cpu`` (no sliding window),
+    which runs every query against every cached key, scalar, on one thread: a 1600-token prompt
+    in chunks of 256 prefilled SmolLM2 at 49 tok/s.  Here every (query token, key/value head) is
+    a task spread over threads, walking the sequence's pages with the block update and the
+    next-page prefetch of :func:`decode_attention`, and reading only the keys the causal mask
+    lets it see.  RoPE must have been applied before caching; ``rotary_mode`` 1 is refused.
+    """
+    H_qo, H_kv, D, PS = num_qo_heads, num_kv_heads, head_dim, page_size
+    GROUP = H_qo // H_kv
+    VL = _vector_lanes(D)
+    start, block, finish = _attention_state(
+        D, PS, VL, GROUP, lambda buf, pg, hk, t, d: buf[pg, 0, hk, t, d], lambda buf, pg, hk, t, d: buf[pg, 1, hk, t, d],
+        _next_page_prefetch(D, dtype))
+
+    @T.prim_func(s_tir=True, private=True)
+    def batch_prefill_paged_kv(
+        var_q: T.handle,
+        var_q_indptr: T.handle,
+        var_pages: T.handle,
+        var_page_indptr: T.handle,
+        var_page_values: T.handle,
+        var_length_info: T.handle,
+        var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle,
+        var_output: T.handle,
+        var_lse: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_elem_offset = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, H_kv, PS, D), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)  # noqa: F841
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)  # noqa: F841
+        output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
+        assert rotary_mode == 0, "kiln's CPU prefill attention expects RoPE applied before caching"
+
+        for task in T.parallel(total_len * H_kv):
+            with T.sblock("attn"):
+                T.reads(q[0:total_len, 0:H_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:PS, 0:D],
+                        q_indptr[0:batch_size + 1], page_indptr[0:batch_size + 1], page_values[0:nnz_pages],
+                        length_info[0:batch_size])
+                T.writes(output[0:total_len, 0:H_qo, 0:D], lse[0:total_len, 0:H_qo])
+                qv = T.sblock_alloc_buffer((GROUP, D), "float32")
+                o = T.sblock_alloc_buffer((GROUP, D), "float32")
+                s = T.sblock_alloc_buffer((GROUP, PS), "float32")
+                dot = T.sblock_alloc_buffer((VL,), "float32")
+                st = T.sblock_alloc_buffer((GROUP, 4), "float32")
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                row: T.let[T.int32] = task // H_kv
+                hk: T.let[T.int32] = task % H_kv
+                seq[0] = 0
+                for bb in T.serial(batch_size):  # the sequence this query token belongs to
+                    if q_indptr[bb + 1] <= row:
+                        seq[0] = bb + 1
+                b: T.let[T.int32] = seq[0]
+                begin: T.let[T.int32] = page_indptr[b]
+                n_pages: T.let[T.int32] = page_indptr[b + 1] - begin
+                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                k_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * PS + length_info[b], 0)
+                n_keys: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(T.min(k_len - q_len + (row - q_indptr[b]) + 1, k_len), 0), k_len)
+                n_blocks: T.let[T.int32] = (n_keys + PS - 1) // PS
+                start(qv, o, st, q, row, hk, sm_scale)
+                for p in T.serial(n_blocks):
+                    block(qv, o, s, dot, st, pages, pages, page_values[begin + p], hk, T.min(PS, n_keys - p * PS),
+                          page_values[begin + T.min(p + 1, n_blocks - 1)])
+                finish(o, st, output, lse, row, hk, dtype)
+
+    return batch_prefill_paged_kv
+
+
+def _paged_prefill_attention_for(func: tvm.tirx.PrimFunc):
+    """kiln's kernel for TVM's ``batch_prefill_paged_kv_cpu`` (no sliding window), or ``None``."""
+    params = list(func.params)
+    if len(params) != 15:
+        return None
+    q, pages, length_info = params[0], params[2], params[5]
+    try:
+        _, h_qo, d = (_static(x) for x in q.shape)
+        _, _, h_kv, page_size, d_k = (_static(x) for x in pages.shape)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if None in (h_qo, d, h_kv, page_size, d_k) or h_qo % h_kv or d != d_k or len(length_info.shape) != 1:
+        return None
+    return paged_prefill_attention(h_qo, h_kv, d, str(q.dtype), page_size)
 
 
 def _prefill_attention_for(func: tvm.tirx.PrimFunc):
