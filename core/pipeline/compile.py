@@ -15,7 +15,6 @@ from typing import Any, Mapping
 
 from .. import __version__
 from ..errors import CompileError, ConfigError, UnknownNameError, UsageError, did_you_mean
-from ..quantization import kv_dtype
 from ..registry import get_registry
 from .gen_config import read_chat_config
 from .model import apply_overrides, build_model, check_supported, parse_overrides, parse_value
@@ -129,7 +128,7 @@ def compile_model(
             "head_dim", *SIZE_FIELDS,
         )},
         "model_dtype": quant.scheme.model_dtype,
-        "kv_cache_dtype": kv_dtype(quant.scheme),
+        "kv_cache_dtype": built.model.kv_dtype,
         "params": built.stored_params(),
     }
     mod = attach_metadata(mod, metadata)

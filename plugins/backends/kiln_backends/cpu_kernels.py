@@ -646,6 +646,22 @@ def _decode_attention_for(func: tvm.tirx.PrimFunc):
     return decode_attention(h_qo, h_kv, d, str(q.dtype), page_size)
 
 
+@T.macro
+def _sequence_of(seq, q_indptr, batch_size, row):
+    """``seq[0]`` = the sequence that query token ``row`` of a prefill belongs to."""
+    seq[0] = 0
+    for bb in T.serial(batch_size):
+        if q_indptr[bb + 1] <= row:
+            seq[0] = bb + 1
+
+
+def _visible_keys(causal, k_len, q_indptr, b, row):
+    """How many of sequence ``b``'s ``k_len`` keys query token ``row`` sees: all, or (causal)
+    those up to its own position, the chunk's queries being the last of the keys' positions."""
+    q_len = q_indptr[b + 1] - q_indptr[b]
+    return T.if_then_else(causal > 0, T.max(T.min(k_len - q_len + (row - q_indptr[b]) + 1, k_len), 0), k_len)
+
+
 def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, block_keys: int = 16):
     """Causal self-attention of a prefill chunk (the "ragged" part: the chunk's new tokens among
     themselves; earlier tokens come from the paged kernel and the two are merged by ``lse``).
@@ -711,15 +727,10 @@ def prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype
                 seq = T.sblock_alloc_buffer((1,), "int32")
                 row: T.let[T.int32] = task // H_kv
                 hk: T.let[T.int32] = task % H_kv
-                seq[0] = 0
-                for bb in T.serial(batch_size):  # the sequence this query token belongs to
-                    if q_indptr[bb + 1] <= row:
-                        seq[0] = bb + 1
+                _sequence_of(seq, q_indptr, batch_size, row)
                 b: T.let[T.int32] = seq[0]
-                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                 k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                n_keys: T.let[T.int32] = T.if_then_else(
-                    causal > 0, T.min(k_len - q_len + (row - q_indptr[b]) + 1, k_len), k_len)
+                n_keys: T.let[T.int32] = _visible_keys(causal, k_len, q_indptr, b, row)
                 start(qv, o, st, q, row, hk, sm_scale)
                 for kb in T.serial((n_keys + KB - 1) // KB):
                     block(qv, o, s, dot, st, k, v, kv_indptr[b] + kb * KB, hk, T.min(KB, n_keys - kb * KB))
@@ -803,17 +814,12 @@ def paged_prefill_attention(num_qo_heads: int, num_kv_heads: int, head_dim: int,
                 seq = T.sblock_alloc_buffer((1,), "int32")
                 row: T.let[T.int32] = task // H_kv
                 hk: T.let[T.int32] = task % H_kv
-                seq[0] = 0
-                for bb in T.serial(batch_size):  # the sequence this query token belongs to
-                    if q_indptr[bb + 1] <= row:
-                        seq[0] = bb + 1
+                _sequence_of(seq, q_indptr, batch_size, row)
                 b: T.let[T.int32] = seq[0]
                 begin: T.let[T.int32] = page_indptr[b]
                 n_pages: T.let[T.int32] = page_indptr[b + 1] - begin
-                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                 k_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * PS + length_info[b], 0)
-                n_keys: T.let[T.int32] = T.if_then_else(
-                    causal > 0, T.max(T.min(k_len - q_len + (row - q_indptr[b]) + 1, k_len), 0), k_len)
+                n_keys: T.let[T.int32] = _visible_keys(causal, k_len, q_indptr, b, row)
                 n_blocks: T.let[T.int32] = (n_keys + PS - 1) // PS
                 start(qv, o, st, q, row, hk, sm_scale)
                 for p in T.serial(n_blocks):
