@@ -157,6 +157,59 @@ def test_shapes_the_hand_kernel_does_not_take_are_left_to_the_schedule_rules():
     np.testing.assert_allclose(y[0, 0], x[0, 0] @ sum(dequantize(qw, qs, None, 4)).T, rtol=1e-5, atol=1e-5)
 
 
+def projection_with(epilogue_fn, n, k, prefill, extra):
+    """A fused ``q_matmul`` followed by one element-wise block, as ``FuseOps`` makes it: the
+    product ``P`` and the extra inputs go into ``epilogue_fn(P, extra, index)``."""
+    batch = tvm.tirx.Var("batch", "int64")
+    shape = (1, batch, k) if prefill else (batch, 1, k)
+    X = te.placeholder(shape, "float32", name="x")
+    QW = te.placeholder((n, k // 8), "uint32", name="qw")
+    QS, QM = te.placeholder((n, k // 32), "float16", name="qs"), te.placeholder((n, k // 32), "float16", name="qm")
+    P = q_dense(X, QW, QS, QM, bits=4, group_size=32)
+    out = te.compute(P.shape, lambda *i: epilogue_fn(P, extra, i), name="T_epilogue")
+    return te.create_prim_func([X, QW, QS, QM, *extra, out])
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_fused_epilogue_equals_the_kernel_then_the_op(prefill):
+    """What FuseOps puts after a projection (a residual add, a bias, a cast) runs in the kernel's
+    store, and gives bit for bit what the projection kernel followed by the op gives."""
+    rng = np.random.default_rng(5)
+    n, k = 64, 576
+    qw, qs, qm = random_weights(rng, n, k, 4, True)
+    plain = build(ck.quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", LANES, batch_first=not prefill))
+    cases = {  # name: (epilogue, extra inputs' shapes given the rows, numpy of the product and extras)
+        "residual": (lambda P, ex, i: ex[0][i] + P[i], lambda r: [(1, r, n) if prefill else (r, 1, n)],
+                     lambda y, ex: ex[0] + y),
+        "bias": (lambda P, ex, i: P[i] + ex[0][i[-1]], lambda r: [(n,)], lambda y, ex: y + ex[0]),
+        "scaled, cast": (lambda P, ex, i: (P[i] * 0.5).astype("float16"), lambda r: [], lambda y, ex: (y * 0.5).astype("float16")),
+    }
+    for name, (epi, extra_shapes, numpy_epi) in cases.items():
+        placeholders = [te.placeholder(s_, "float32", name=f"e{j}") for j, s_ in
+                        enumerate(extra_shapes(tvm.tirx.Var("batch", "int64")))]
+        func = projection_with(epi, n, k, prefill, placeholders)
+        kernel = ck._gemv_for(func, LANES)
+        assert kernel is not None, name
+        assert [p.name for p in kernel.params][-1] == "y"
+        fused = build(kernel)
+        out_dtype = "float16" if "cast" in name else "float32"
+        for rows in (1, 3, 8, 13):
+            x = rng.standard_normal((1, rows, k) if prefill else (rows, 1, k)).astype(np.float32)
+            extras = [rng.standard_normal(s_).astype(np.float32) for s_ in extra_shapes(rows)]
+            out_shape = (1, rows, n) if prefill else (rows, 1, n)
+            (y,) = run(plain, [x, qw, qs, qm], [(out_shape, "float32")])
+            (got,) = run(fused, [x, qw, qs, qm, *extras], [(out_shape, out_dtype)])
+            assert np.array_equal(got, numpy_epi(y, extras)), f"{name}, {rows} rows"
+
+
+def test_epilogues_that_are_not_element_wise_are_not_fused():
+    """A block reading the product anywhere but at its own index (a split, a reversal) is not an
+    epilogue: the function is left to the schedule rules."""
+    n, k = 64, 576
+    func = projection_with(lambda P, ex, i: P[i] * P[(*i[:-1], n - 1 - i[-1])], n, k, False, [])
+    assert ck._gemv_for(func, LANES) is None
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 40, 64), (7, 33, 100), (16, 64, 128)])
 def test_float_matmul_rule_matches_numpy(m, n, k):
     """The schedule rule for float projections (q0f32), including extents that do not divide

@@ -19,7 +19,7 @@ def pipeline(target, opts):
     import tvm
     from tvm import relax
 
-    from .cpu_kernels import replace_kernels
+    from .cpu_kernels import replace_kernels, replace_projections
     from .cpu_schedules import schedule_pass
 
     scheduled = bool(opts.get("schedule", 1))
@@ -38,7 +38,7 @@ def pipeline(target, opts):
             relax.transform.DeadCodeElimination(),
         ]
         if scheduled:
-            passes.append(schedule_pass(target))
+            passes += [replace_projections(target), schedule_pass(target)]
         passes += [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
