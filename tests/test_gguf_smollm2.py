@@ -142,12 +142,14 @@ def reference(smollm2):
                                                 dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("quantization,atol", [("q0f32", 1e-3), ("q4f32_2", 3e-2)])
+@pytest.mark.parametrize("quantization,atol", [("q0f32", 1e-3), ("q4f32_2", 5e-2)])
 def test_logits_match_transformers_loading_the_same_gguf(smollm2, kiln_build, reference, hf_tokenizer, quantization, atol):
     """float32 weights, and 4-bit weights in llama.cpp's Q4_1 layout (q4f32_2: the file's own
     Q4_1 blocks carried over without loss), both give transformers' logits.  The 4-bit kernels
-    round activations to int16 steps, which moves SmolLM2's logits by up to ~1e-2;
-    a wrongly converted block moves them by far more."""
+    round activations to int16 steps and keep the KV cache in float16 (transformers: float32),
+    which together move SmolLM2's logits by up to ~3.5e-2 (measured on AVX2 and AVX-512: how a
+    sum is split over vector lanes decides which float16 rounding a key takes); a wrongly
+    converted block moves them by far more."""
     import torch
 
     from kiln.runtime.model import LoadedModel
