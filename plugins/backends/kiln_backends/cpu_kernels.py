@@ -69,6 +69,7 @@ INT16_STEPS = 32767  # activation quantization: steps from 0 to a group's larges
 PARALLEL_TOKENS = 16  # RoPE and cache appends of fewer tokens run on one thread
 L1_ACTIVATION_BYTES = 32 << 10  # most of a tile's quantized activations per chunk (48 KiB L1)
 PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
+RELAYOUT_LANES = 8  # lanes a group's largest magnitude and sum are folded down to in the relayout
 
 
 def _well_formed(func: tvm.tirx.PrimFunc) -> bool:
@@ -82,13 +83,17 @@ def _well_formed(func: tvm.tirx.PrimFunc) -> bool:
 
 
 def _gemv_takes(n_rows: int, k: int, bits: int, group: int, lanes: int) -> bool:
-    """Whether :func:`quantized_gemv` takes this shape."""
+    """Whether :func:`quantized_gemv` takes this shape: whole tasks of rows, whole groups of
+    whole words, blocks and the tail block of whole groups, and groups that the relayout folds
+    in halves down to ``RELAYOUT_LANES`` (a power-of-two multiple of it, at least 2 activations
+    per code position of a half word)."""
     per_word = 32 // bits
+    if n_rows % ROWS_PER_TASK or ROWS_PER_TASK % PAIR or k % group or group % per_word:
+        return False
     words_per_group = group // per_word
-    tail = (k // per_word) % lanes
-    return not (n_rows % ROWS_PER_TASK or ROWS_PER_TASK % PAIR or k % group or group % per_word or group % 8
-                or group // (16 // bits) < 2
-                or lanes % max(words_per_group, 1) or tail % max(words_per_group, 1) or words_per_group == 0)
+    folds = group // RELAYOUT_LANES
+    return not (lanes % words_per_group or (k // per_word) % lanes % words_per_group
+                or group % RELAYOUT_LANES or folds & (folds - 1) or group // (16 // bits) < 2)
 
 
 def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str, has_min: bool,
@@ -154,9 +159,6 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
             return T.Broadcast(T.Cast("float32", buf[n, g0]), nl)
         v = T.Cast(f"float32x{q}", buf[n, T.Ramp(g0, 1, q)])
         return T.Shuffle([v] * WG, [lane // WG for lane in range(nl)])
-
-    def x_at(x, b, kk):
-        return T.Cast("float32", x[b, 0, kk] if batch_first else x[0, b, kk])
 
     def word_dot(qh, xq, n, w0, a0, b, nl):
         """``nl`` int32 lanes: lane ``l`` sums the codes of word ``w0 + l`` of row ``n`` times
@@ -345,9 +347,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         """Words group ``g``'s activations move by in the quantized row."""
         return T.Select(g * WG >= NB * L, SHIFT, 0) if OVERLAP else 0
 
-    VR = 8  # lanes the group's maximum and sum are folded down to before the last scalar steps
-    if group % VR or group // Q < 2:
-        raise ValueError("group size not supported by the hand-written GEMV")
+    VR = RELAYOUT_LANES
 
     def x_vec(x, row, start, n, stride=1):
         """``n`` activations of row ``row`` from column ``start`` on, ``stride`` apart, as float32."""
