@@ -131,6 +131,11 @@ def _quantization_opt():
     return typer.Option(None, "--quantization", "-q", help="Scheme when converting (default: the device's).")
 
 
+def _backend_opt():
+    return typer.Option(None, "--opt", help='Backend options when compiling, as for `kiln compile` (a cache entry '
+                                            'of their own): e.g. "activations=int8" on CPUs.')
+
+
 @app.command("chat")
 def chat_cmd(
     model: str = _model_arg(),
@@ -147,6 +152,7 @@ def chat_cmd(
         None, "--overrides", help='Sizes compiled into the model library (a cache entry of its own): '
                                   '"context_window_size=4096;prefill_chunk_size=512;max_batch_size=16;'
                                   'sliding_window_size=N".'),
+    opt: Optional[str] = _backend_opt(),
 ):
     """Chat with a model in the terminal (or answer one --prompt / stdin for scripts)."""
     from .runtime.chat_cli import interactive, one_shot
@@ -161,7 +167,7 @@ def chat_cmd(
     config = GenerationConfig(temperature=temperature, max_gen_len=max_tokens, seed=seed)
     with ChatModule(model, model_lib, device, generation_config=config, quantization=quantization,
                     context_window_size=context_window_size, max_total_tokens=max_total_tokens,
-                    overrides=overrides, front_end="chat") as cm:
+                    overrides=overrides, opt=opt, front_end="chat") as cm:
         if prompt is not None:
             one_shot(cm, prompt)
         else:
@@ -195,6 +201,7 @@ def serve_cmd(
     shutdown_grace: float = typer.Option(5.0, "--shutdown-grace", help="Seconds requests in flight may run on after "
                                                                         "SIGINT/SIGTERM before they are cancelled."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every HTTP request."),
+    opt: Optional[str] = _backend_opt(),
 ):
     """Serve a model through an OpenAI-compatible REST API (/v1/chat/completions, /v1/completions, ...)."""
     from .runtime.server import serve
@@ -202,7 +209,8 @@ def serve_cmd(
     serve(model, model_lib, device, host=host, port=port, api_key=api_key, allowed_origins=allowed_origins,
           max_queue=max_queue, max_body_bytes=max_body_bytes, max_batch_size=max_batch_size,
           context_window_size=context_window_size, max_total_tokens=max_total_tokens, prefix_cache=prefix_cache,
-          shutdown_grace=shutdown_grace, access_log=access_log, quantization=quantization, overrides=overrides)
+          shutdown_grace=shutdown_grace, access_log=access_log, quantization=quantization, overrides=overrides,
+          opt=opt)
 
 
 _BENCH_HELP = "\n\n".join([
@@ -231,13 +239,14 @@ def bench_cmd(
     overrides: Optional[str] = typer.Option(
         None, "--overrides", help='Sizes compiled into the model library, as for chat and serve '
                                   '(e.g. "max_batch_size=64" for --batch 64).'),
+    opt: Optional[str] = _backend_opt(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     from .runtime.bench import bench, check_args
 
     check_args(prompt_tokens, gen_tokens, batch, runs)
     result = bench(model, model_lib, device, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, batch=batch,
-                   runs=runs, profile=profile, quantization=quantization, overrides=overrides)
+                   runs=runs, profile=profile, quantization=quantization, overrides=overrides, opt=opt)
     typer.echo(result.to_json() if as_json else result.format())
 
 

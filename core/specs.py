@@ -87,10 +87,11 @@ class QuantizationSpec:
 
 @dataclass(frozen=True)
 class BackendOption:
-    """A ``--opt key=value`` a backend accepts."""
+    """A ``--opt key=value`` a backend accepts (``choices``: the values it takes, if limited)."""
 
     default: Any
     help: str = ""
+    choices: tuple = ()
 
 
 @dataclass(frozen=True)

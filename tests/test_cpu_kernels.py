@@ -25,6 +25,7 @@ from kiln_backends.cpu_schedules import schedule_pass, vector_bits
 
 TARGET = tvm.target.Target(host_target({}))
 LANES = max(vector_bits(TARGET) // 32, 4)
+VNNI = ck.byte_dots(TARGET)  # int8 activations run on vpdpbusd here, else on widening products
 
 
 def build(func):
@@ -57,14 +58,17 @@ def dequantize(qw, qs, qm, bits):
     return codes * scale, offset
 
 
-def int16_activations(x):
-    """What the kernel multiplies the codes by: ``x`` rounded per group of 32 to steps of
-    ``max|x| / 32767`` (float32 arithmetic, as in the kernel), and the steps themselves."""
+def rounded_activations(x, steps):
+    """What the kernel multiplies the weights by: ``x`` rounded per group of 32 to steps of
+    ``max|x| / steps`` (float32 arithmetic, as in the kernel), and the steps themselves."""
     groups = x.reshape(x.shape[0], -1, 32).astype(np.float32)
     amax = np.abs(groups).max(-1, keepdims=True)
-    inv = np.where(amax > 0, np.float32(32767) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
-    step = (amax * np.float32(1 / 32767)).astype(np.float64)
+    inv = np.where(amax > 0, np.float32(steps) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    step = (amax * np.float32(1 / steps)).astype(np.float64)
     return (np.round(groups * inv) * step).reshape(x.shape), np.repeat(step[..., 0], 32, axis=-1)
+
+
+ACTIVATIONS = {"int16": 32767, "int8": 127}  # steps from 0 to a group's largest magnitude
 
 
 GEMV_CASES = [  # (N, K, bits, asymmetric)
@@ -82,11 +86,14 @@ GEMV_CASES = [  # (N, K, bits, asymmetric)
 @pytest.mark.parametrize("n,k,bits,asym", GEMV_CASES)
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
 @pytest.mark.parametrize("lanes", [8, 16], ids=["avx2", "avx512"])  # both vector widths, whatever this host has
-def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes):
+@pytest.mark.parametrize("activations", ["int16", "int8"])
+def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes, activations):
     rng = np.random.default_rng(n + k + bits)
     qw, qs, qm = random_weights(rng, n, k, bits, asym)
     scaled, offset = dequantize(qw, qs, qm, bits)
-    fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", lanes, batch_first=not prefill))
+    int8 = activations == "int8"
+    fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", lanes, batch_first=not prefill,
+                                 int8=int8, vnni=int8 and VNNI and lanes <= LANES))
     for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 8, 4, 2, lone rows; two re-layout chunks
         x = rng.standard_normal((rows, k)).astype(np.float32)
         shape = (1, rows, k) if prefill else (rows, 1, k)
@@ -94,25 +101,27 @@ def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes):
         weights = [qw, qs] + ([qm] if asym else [])
         (y,) = run(fn, [x.reshape(shape), *weights], [(out_shape, "float32")])
         y = y.reshape(rows, n)
-        # the kernel's own arithmetic: codes times int16 activations, offsets times float activations
-        xq, step = int16_activations(x)
-        emulated = xq @ scaled.T + x.astype(np.float64) @ offset.T
+        # the kernel's own arithmetic: the dequantized weights times the rounded activations
+        xq, step = rounded_activations(x, ACTIVATIONS[activations])
+        emulated = xq @ (scaled + offset).T
         np.testing.assert_allclose(y, emulated, rtol=1e-5, atol=1e-5 * np.abs(emulated).max())
         # and against float64: each activation is off by at most half a step
         exact = x.astype(np.float64) @ (scaled + offset).T
-        bound = (step / 2) @ np.abs(scaled).T
+        bound = (step / 2) @ np.abs(scaled + offset).T
         assert np.all(np.abs(y - exact) <= bound * 1.01 + 1e-5 * np.abs(exact).max())
-        assert np.abs(y - exact).max() <= 1e-4 * np.abs(exact).max()
+        assert np.abs(y - exact).max() <= (1e-4 if activations == "int16" else 2e-2) * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("k", [576, 4160])  # whole rows; rows in chunks for the larger tiles
-def test_quantized_projection_does_not_depend_on_the_batch(k):
+@pytest.mark.parametrize("int8", [False, True], ids=["int16", "int8"])
+def test_quantized_projection_does_not_depend_on_the_batch(k, int8):
     """A row's result is bit for bit the same alone and in any batch: batching must not change
     what a request generates."""
     rng = np.random.default_rng(1)
     n = 64
     qw, qs, qm = random_weights(rng, n, k, 4, True)
-    fn = build(ck.quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", LANES, batch_first=False))
+    fn = build(ck.quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", LANES, batch_first=False,
+                                 int8=int8, vnni=int8 and VNNI))
     x = rng.standard_normal((1, 75, k)).astype(np.float32)
     (whole,) = run(fn, [x, qw, qs, qm], [((1, 75, n), "float32")])
     for rows in (1, 2, 3, 5, 8, 13):

@@ -292,3 +292,21 @@ def test_readme_main_command_answers_with_smollm2(home):
     assert second.returncode == 0 and second.stdout == first.stdout
     assert "Converting" not in second.stderr and "Compiling" not in second.stderr
     assert list((home / "models").iterdir()) == entries and (entries[0] / MANIFEST).read_text() == manifest
+
+
+def test_backend_options_reach_the_compile_and_the_cache_key(home, checkpoint):
+    """`--opt` on the commands that run a model compiles with it, as its own cache entry; a bad
+    value is a one-line error before any work."""
+    env = {**os.environ, "KILN_HOME": str(home), "KILN_NO_PROGRESS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, a)], capture_output=True, text=True,
+                                    env=env, timeout=600)
+    res = run("chat", checkpoint, "-q", "q0f32", "--opt", "activations=fp8", "--prompt", "hi")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "error: --opt activations must be one of int16, int8, got 'fp8'"
+    assert not (home / "models").exists() or not list((home / "models").iterdir())
+    res = run("bench", checkpoint, "-q", "q4f32_2", "--opt", "activations=int8", "--prompt-tokens", "8",
+              "--gen-tokens", "4", "--runs", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["decode_tok_s"]["median"] > 0
+    [entry] = (home / "models").iterdir()
+    assert json.loads((entry / MANIFEST).read_text())["key"]["opts"] == "activations=int8"

@@ -43,6 +43,9 @@ def parse_opts(text: str | None, backend) -> dict[str, Any]:
                 f"unknown --opt key '{key}' for device '{backend.name}'{did_you_mean(key, backend.options)}; valid keys: {valid}"
             )
         opts[key] = parse_value(value)
+        choices = backend.options[key].choices
+        if choices and opts[key] not in choices:
+            raise UsageError(f"--opt {key} must be one of {', '.join(map(str, choices))}, got '{value}'")
     return opts
 
 

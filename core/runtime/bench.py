@@ -274,13 +274,13 @@ def check_fits(engine, prompt_tokens: int, gen_tokens: int, batch: int) -> None:
 
 
 def open_engine(model, model_lib=None, device: str = "auto", batch: int = 1, quantization: str | None = None,
-                overrides=None):
+                overrides=None, opt: str | None = None):
     """An engine for benchmarking: room for ``batch`` sequences, no prefix cache (every run
     computes its whole prompt).  :func:`check_fits` says whether a benchmark fits it."""
     from .engine import Engine
 
     return Engine(model, model_lib, device, max_batch_size=batch, prefix_cache=False, quantization=quantization,
-                  overrides=overrides)
+                  overrides=overrides, opt=opt)
 
 
 # ------------------------------------------------------------------------------- measurement
@@ -418,10 +418,10 @@ def run_bench(engine, prompt_tokens: int = 100, gen_tokens: int = 128, batch: in
 
 def bench(model, model_lib=None, device: str = "auto", *, prompt_tokens: int = 100, gen_tokens: int = 128,
           batch: int = 1, runs: int = 3, profile: bool = False, quantization: str | None = None,
-          seed: int = 0, overrides=None) -> BenchResult:
+          seed: int = 0, overrides=None, opt: str | None = None) -> BenchResult:
     """Open ``model`` (anything :class:`kiln.Engine` accepts), benchmark it, close it."""
     check_args(prompt_tokens, gen_tokens, batch, runs)
-    engine = open_engine(model, model_lib, device, batch, quantization, overrides)
+    engine = open_engine(model, model_lib, device, batch, quantization, overrides, opt)
     try:
         return run_bench(engine, prompt_tokens, gen_tokens, batch, runs, profile=profile, seed=seed)
     finally:

@@ -121,7 +121,7 @@ class Engine:
 
     ``Engine(model, model_lib=None, device="auto", max_batch_size=None, max_total_tokens=None,
     context_window_size=None, prefill_chunk_size=None, prefix_cache=True, quantization=None,
-    overrides=None)``.
+    overrides=None, opt=None)``.
     ``front_end`` (``engine``, ``chat_module``, ``chat``, ``serve``) only picks the words of the
     load log's "to reduce memory" hint.
     ``model`` is a kiln model directory, a Hugging Face checkpoint directory, a ``.gguf`` file or
@@ -130,7 +130,8 @@ class Engine:
     (``"context_window_size=4096;prefill_chunk_size=512"`` or a dict; also ``max_batch_size``,
     ``sliding_window_size``) are compiled into the library, a cache entry of its own, and are
     the engine's limits unless the arguments of the same names say otherwise; a library given
-    as ``model_lib`` cannot grow beyond what it was built for.
+    as ``model_lib`` cannot grow beyond what it was built for.  ``opt`` are the backend's
+    ``compile --opt`` options (``"activations=int8"``), a cache entry of their own too.
     """
 
     def __init__(
@@ -146,6 +147,7 @@ class Engine:
         prefix_cache: bool = True,
         quantization: str | None = None,
         overrides: str | dict | None = None,
+        opt: str | None = None,
         front_end: str = "engine",
     ):
         from ..pipeline.compile import parse_size_overrides
@@ -155,7 +157,7 @@ class Engine:
         from .tokenizer import Tokenizer
 
         sizes = parse_size_overrides(overrides)
-        prepared = resolve_model(model, model_lib, device, quantization, sizes)
+        prepared = resolve_model(model, model_lib, device, quantization, sizes, opt)
         self.model = LoadedModel(prepared.model_dir, prepared.lib, device)
         for key in ("context_window_size", "prefill_chunk_size", "max_batch_size"):
             built_for = getattr(self.model, key)

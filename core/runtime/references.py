@@ -20,11 +20,11 @@ def find_library(model_dir: Path) -> Path | None:
 
 
 def resolve_model(model, model_lib=None, device: str = "auto", quantization: str | None = None,
-                  overrides=None) -> Prepared:
+                  overrides=None, opt: str | None = None) -> Prepared:
     """A loadable model directory and library for a model reference.  With size ``overrides``
-    and no ``model_lib``, a library with those sizes is compiled into the cache (a library that
-    sits beside the weights was built without them)."""
+    or backend options ``opt`` (``compile --opt``) and no ``model_lib``, a library built with
+    them is compiled into the cache (a library that sits beside the weights was built without them)."""
     path = Path(model).expanduser()
-    if model_lib is None and not overrides and path.is_dir() and (path / CHAT_CONFIG).is_file():
+    if model_lib is None and not overrides and not opt and path.is_dir() and (path / CHAT_CONFIG).is_file():
         model_lib = find_library(path)
-    return prepare(model, model_lib, device, quantization, overrides=overrides)
+    return prepare(model, model_lib, device, quantization, opts=opt, overrides=overrides)

@@ -896,6 +896,7 @@ def serve(
     access_log: bool = True,
     quantization: str | None = None,
     overrides: str | None = None,
+    opt: str | None = None,
 ) -> int:
     """Load ``model`` and serve it until SIGINT/SIGTERM; returns 0 after a clean shutdown."""
     import uvicorn
@@ -914,6 +915,8 @@ def serve(
     extra = {"quantization": quantization} if quantization else {}
     if overrides:
         extra["overrides"] = overrides
+    if opt:
+        extra["opt"] = opt
     engine = _ServingEngine(model, model_lib, device, metrics=Metrics(), max_batch_size=max_batch_size,
                             max_total_tokens=max_total_tokens, context_window_size=context_window_size,
                             prefix_cache=prefix_cache, front_end="serve", **extra)

@@ -23,6 +23,7 @@ def pipeline(target, opts):
     from .cpu_schedules import schedule_pass
 
     scheduled = bool(opts.get("schedule", 1))
+    activations = opts.get("activations", "int16")
 
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
     def _pipeline(mod, _ctx):
@@ -38,7 +39,7 @@ def pipeline(target, opts):
             relax.transform.DeadCodeElimination(),
         ]
         if scheduled:
-            passes += [replace_projections(target), schedule_pass(target)]
+            passes += [replace_projections(target, int8=activations == "int8"), schedule_pass(target)]
         passes += [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
@@ -70,6 +71,9 @@ CPU = BackendSpec(
     options={
         "mcpu": BackendOption("", "LLVM CPU name to compile for (default: this machine's, e.g. skylake-avx512)"),
         "schedule": BackendOption(1, "1: kiln's CPU schedules (threads, vectorized kernels); 0: unscheduled TIR"),
+        "activations": BackendOption("int16", "what 4- and 8-bit projections round their activations to, per group "
+                                     "of 32: int16, or int8 as llama.cpp does (faster with VNNI; logits move "
+                                     "about as far from float32 as llama.cpp's)", choices=("int16", "int8")),
     },
     description="this machine's processor via LLVM",
 )

@@ -66,8 +66,11 @@ BATCH_TILE = 8  # activation rows sharing one unpacking of a word block (a power
 CHUNK_ROWS = 64  # activation rows re-laid out (and kept in cache) at a time
 PARALLEL_RELAYOUT = 8  # chunks of at least this many rows are re-laid out by all threads
 INT16_STEPS = 32767  # activation quantization: steps from 0 to a group's largest magnitude
+INT8_STEPS = 127  # the same with byte dot products (VNNI)
 PARALLEL_TOKENS = 16  # RoPE and cache appends of fewer tokens run on one thread
 L1_ACTIVATION_BYTES = 32 << 10  # most of a tile's quantized activations per chunk (48 KiB L1)
+VNNI_WIDTHS = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256",
+               4: "llvm.x86.avx512.vpdpbusd.128"}  # int32 lanes: LLVM's byte dot product
 PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
 RELAYOUT_LANES = 8  # lanes a group's largest magnitude and sum are folded down to in the relayout
 
@@ -96,8 +99,21 @@ def _gemv_takes(n_rows: int, k: int, bits: int, group: int, lanes: int) -> bool:
                 or group % RELAYOUT_LANES or folds & (folds - 1) or group // (16 // bits) < 2)
 
 
+def byte_dots(target: tvm.target.Target) -> bool:
+    """Whether the target multiplies unsigned by signed bytes into int32 lanes in one
+    instruction (AVX-512 VNNI or AVX-VNNI ``vpdpbusd``): then the projections round their
+    activations to int8."""
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    try:
+        return any(llvm_cpu_has_features([f], target) for f in ("avx512vnni", "avxvnni"))
+    except Exception:  # noqa: BLE001 - non-x86 targets have other feature names
+        return False
+
+
 def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str, has_min: bool,
-                   x_dtype: str, out_dtype: str, lanes: int, batch_first: bool, epilogue=None):
+                   x_dtype: str, out_dtype: str, lanes: int, batch_first: bool, epilogue=None,
+                   int8: bool = False, vnni: bool = False):
     """A PrimFunc ``(x, q_weight, q_scale[, q_min], out)`` computing ``out = x @ dequant(W).T``.
 
     ``epilogue(value, index)``, if given, builds the expression stored at ``out[index]`` from the
@@ -109,6 +125,9 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     ``B`` symbolic.  Weights as :mod:`kiln.quantization.group` stores them: ``bits``-bit codes
     packed ``32 / bits`` per uint32, a scale (and for asymmetric schemes a minimum) per ``group``
     weights; symmetric codes are offset by ``2**(bits - 1) - 1``.
+
+    ``int8`` rounds the activations to int8 instead of int16 and multiplies them with the codes a
+    byte at a time (``vpdpbusd`` when ``vnni``: the target has it, see :func:`byte_dots`).
     """
     P = 32 // bits  # codes per word
     W = k // P  # words per weight row
@@ -134,7 +153,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         over them (8 rows x 4096 columns are 64 KiB: from L2 the kernel ran at half speed; up to
         2048 columns, 32 KiB, chunks only cost time); partial sums wait in a small buffer
         between chunks.  A lone row's activations fit whole."""
-        most = max(1, L1_ACTIVATION_BYTES // (n_batch * L * 4 * (16 // bits)))  # blocks
+        most = max(1, L1_ACTIVATION_BYTES // (n_batch * L * P * XB))  # blocks
         return max(1, -(-NBX // most))
 
     def chunk_blocks(n_batch):
@@ -142,7 +161,13 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         return -(-NBX // chunks(n_batch))
 
     MASK = (1 << bits) - 1
-    Q = 16 // bits  # codes per 16-bit half word
+    # Activations meet the codes of a sub-word: a 16-bit half word (int16 activations,
+    # ``vpmaddwd``) or a byte (int8, ``vpdpbusd``).  ``xq[b, q, s]`` is the activation of code
+    # ``q`` of sub-word ``s`` of the row.
+    XB = 1 if int8 else 2  # bytes per quantized activation
+    SUB = 4 // XB  # sub-words per word
+    Q = 8 * XB // bits  # codes per sub-word
+    XT, STEPS = ("int8", INT8_STEPS) if int8 else ("int16", INT16_STEPS)
     H = 2 * W  # half words per weight row
     OFF = float((1 << (bits - 1)) - 1)
     RT, RB, BT, MC = ROWS_PER_TASK, PAIR, BATCH_TILE, CHUNK_ROWS
@@ -179,6 +204,29 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
             total = pair if total is None else total + pair
         return total
 
+    def byte_dot(qw, xq, n, w0, a0, b, nl):
+        """The same with int8 activations: code ``q`` of each byte of ``nl`` words (one shift and
+        one mask of the words), times the activations of row ``b``, four products summed into
+        each word's int32 lane: ``vpdpbusd`` (unsigned codes times signed activations) when the
+        target has it and ``nl`` is a register's width, else widening products LLVM sums."""
+        words = qw[n, T.Ramp(w0, 1, nl)]
+        plane = T.Broadcast(T.uint32(MASK * 0x01010101), nl)
+        total = None
+        for q in range(Q):
+            c = words if bits == 8 else T.bitwise_and(
+                words if q == 0 else T.shift_right(words, T.Broadcast(T.uint32(bits * q), nl)), plane)
+            x8 = xq[b, q, T.Ramp(4 * a0, 1, 4 * nl)]
+            if vnni and nl in VNNI_WIDTHS:
+                total = T.call_llvm_pure_intrin(f"int32x{nl}", VNNI_WIDTHS[nl],
+                                                total if total is not None else T.Broadcast(T.int32(0), nl),
+                                                T.reinterpret(f"int8x{4 * nl}", c), x8)
+            else:
+                prod = T.Cast(f"int32x{4 * nl}", T.reinterpret(f"uint8x{4 * nl}", c)) * T.Cast(f"int32x{4 * nl}", x8)
+                for j in range(4):
+                    part = T.Shuffle([prod], list(range(j, 4 * nl, 4)))
+                    total = part if total is None else total + part
+        return total
+
     def make_block(nl, n_batch, n_rows_side):
         """``acc += `` words ``[w0, w0 + nl)`` of rows ``n ..`` times activation rows ``b0 ..``
         (their words ``[a0, a0 + nl)`` of ``xq`` and ``xd``)."""
@@ -190,7 +238,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 for bb in T.unroll(n_batch):
                     acc[rb * n_batch + bb, T.Ramp(0, 1, nl)] = (
                         acc[rb * n_batch + bb, T.Ramp(0, 1, nl)]
-                        + T.Cast(f"float32x{nl}", word_dot(qh, xq, n + rb, w0, a0, b0 + bb, nl))
+                        + T.Cast(f"float32x{nl}", (byte_dot if int8 else word_dot)(qh, xq, n + rb, w0, a0, b0 + bb, nl))
                         * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(a0, 1, nl)]))
         return block
 
@@ -369,8 +417,8 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         with T.sblock("relayout"):
             if OVERLAP:
                 for q in T.serial(Q):
-                    for h in T.vectorized(2 * SHIFT):
-                        xq[b, q, 2 * NB * L + h] = T.int16(0)
+                    for h in T.vectorized(SUB * SHIFT):
+                        xq[b, q, SUB * NB * L + h] = T.Cast(XT, 0)
                 for j in T.serial(SHIFT):
                     xd[b, NB * L + j] = T.float32(0)
             st = T.sblock_alloc_buffer((2,), "float32")  # the group's largest magnitude, 1 / step
@@ -378,25 +426,29 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
             for g in T.serial(G):
                 # the group as one vector, folded in halves down to VR lanes, then VR scalars
                 part[0, T.Ramp(0, 1, VR)] = fold(T.fabs(x_vec(x, row, g * group, group)), T.max)
-                part[1, T.Ramp(0, 1, VR)] = fold(x_vec(x, row, g * group, group), lambda a, c: a + c)
                 st[0] = T.float32(0)
-                xs[b, g] = T.float32(0)
                 for i in T.serial(VR):
                     st[0] = T.max(st[0], part[0, i])
+                st[1] = T.Select(st[0] > T.float32(0), T.float32(STEPS) / st[0], T.float32(0))
+                # the sum of the rounded activations (integers, exact in float32), for the minima
+                part[1, T.Ramp(0, 1, VR)] = fold(T.round(x_vec(x, row, g * group, group) * T.Broadcast(st[1], group)),
+                                                 lambda a, c: a + c)
+                xs[b, g] = T.float32(0)
+                for i in T.serial(VR):
                     xs[b, g] = xs[b, g] + part[1, i]
-                st[1] = T.Select(st[0] > T.float32(0), T.float32(INT16_STEPS) / st[0], T.float32(0))
-                for q in T.serial(Q):  # code q of each half word: every Q-th activation of the group
-                    xq[b, q, T.Ramp(g * (group // Q) + 2 * moved(g), 1, group // Q)] = T.Cast(
-                        f"int16x{group // Q}", T.round(x_vec(x, row, g * group + q, group // Q, Q)
-                                                       * T.Broadcast(st[1], group // Q)))
+                xs[b, g] = xs[b, g] * (st[0] * T.float32(1.0 / STEPS))
+                for q in T.serial(Q):  # code q of each sub-word: every Q-th activation of the group
+                    xq[b, q, T.Ramp(g * (group // Q) + SUB * moved(g), 1, group // Q)] = T.Cast(
+                        f"{XT}x{group // Q}", T.round(x_vec(x, row, g * group + q, group // Q, Q)
+                                                      * T.Broadcast(st[1], group // Q)))
                 for v in T.serial(WG):
-                    xd[b, g * WG + v + moved(g)] = st[0] * T.float32(1.0 / INT16_STEPS)
+                    xd[b, g * WG + v + moved(g)] = st[0] * T.float32(1.0 / STEPS)
 
     @T.macro
     def body(x, qw, qs, qm, y, B):
         with T.sblock("root"):
-            qh = T.decl_buffer((n_rows, H), "uint16", data=qw.data)
-            xq = T.sblock_alloc_buffer((T.min(B, MC), Q, 2 * XW), "int16")
+            qh = T.decl_buffer((n_rows, H), "uint16", data=qw.data) if not int8 else qw
+            xq = T.sblock_alloc_buffer((T.min(B, MC), Q, SUB * XW), XT)
             xs = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
             xd = T.sblock_alloc_buffer((T.min(B, MC), XW), "float32")
             for mc in T.serial((B + MC - 1) // MC):
@@ -516,11 +568,12 @@ def _fused_epilogue(blocks, product):
     return epilogue, (steps[-1][0] if steps else product)
 
 
-def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True):
+def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: bool = False, vnni: bool = False):
     """The hand-written kernel for a ``q_matmul`` PrimFunc (decode ``[B, 1, K]`` or prefill
     ``[1, B, K]`` activations, ``B`` symbolic), with any element-wise blocks fused after it
     (``FuseOps``: a cast, a residual add) as the kernel's epilogue, or ``None``.  With ``build``
-    false, only whether it would be replaced (``True`` or ``None``)."""
+    false, only whether it would be replaced (``True`` or ``None``).  ``int8`` and ``vnni`` as for
+    :func:`quantized_gemv`."""
     from tvm import s_tir
 
     try:
@@ -556,7 +609,7 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True):
         return True
     try:
         kernel = quantized_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
-                                str(out.dtype), lanes, batch_first=d1 == 1, epilogue=epilogue)
+                                str(out.dtype), lanes, batch_first=d1 == 1, epilogue=epilogue, int8=int8, vnni=vnni)
     except ValueError:
         return None
     # the kernel's parameters in the fused function's order; the epilogue's other inputs (a
@@ -595,15 +648,19 @@ def _replacing_pass(name: str, replace):
     return _pass
 
 
-def replace_projections(target: tvm.target.Target):
+def replace_projections(target: tvm.target.Target, int8: bool = False):
     """Module pass, after ``FuseTIR``: kiln's hand-written projection kernel for every PrimFunc
     that is a ``q_matmul`` followed by element-wise blocks (a residual add, a cast), which become
-    its epilogue; any other stays for the schedule rules."""
+    its epilogue; any other stays for the schedule rules.  ``int8``: activations rounded to int8
+    (the backend's ``activations=int8`` option)."""
     from .cpu_schedules import vector_bits
 
-    lanes = max(vector_bits(target) // 32, 4)
-    return _replacing_pass("KilnReplaceProjections",
-                           lambda gv, func: _gemv_for(func, lanes) if "q_matmul" in gv.name_hint else None)
+    lanes, vnni = max(vector_bits(target) // 32, 4), byte_dots(target)
+    if int8 and not vnni:
+        log.warning("activations=int8 without byte dot products (VNNI) on %s: the same results, no faster than int16",
+                    target.attrs.get("mcpu", target.kind.name))
+    return _replacing_pass("KilnReplaceProjections", lambda gv, func: _gemv_for(
+        func, lanes, int8=int8, vnni=vnni) if "q_matmul" in gv.name_hint else None)
 
 
 def replace_kernels(target: tvm.target.Target):
