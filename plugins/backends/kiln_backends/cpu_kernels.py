@@ -23,8 +23,15 @@ its inner loop is integer arithmetic, as llama.cpp's is:
 * per block, each word's integer sum enters the float accumulator once, times its group's
   weight scale and activation step (``acc += isum * (scale * xd)``; the scales are spread over
   the lanes by a broadcast load and a shuffle); after the blocks, each group's minimum meets the
-  group's float activation sum, one multiply-add per group (symmetric codes: minimum =
-  ``-offset * scale``);
+  sum of the group's rounded activations, one multiply-add per group (symmetric codes: minimum =
+  ``-offset * scale``), so that a row is exactly the dequantized weights times the rounded
+  activations (with the float sum, each rounding error would weigh ``w - minimum`` instead of
+  ``w``: about 2.5 times more for asymmetric 4-bit groups);
+* with ``activations=int8`` (the backend option) the activations are rounded to int8 instead
+  (steps of ``max|x| / 127``, llama.cpp's arithmetic), laid out so that code ``q`` of each byte
+  meets them, and each word's four bytes of codes are multiplied and summed in one
+  ``vpdpbusd`` (VNNI): half the dot-product instructions of int16 and a cheaper unpacking (8-bit
+  codes need none), at a cost in accuracy the README quantifies;
 * a block's codes are unpacked once for a tile of ``BATCH_TILE`` activation rows (batched
   decode, prefill); a lone row instead runs ``PAIR`` weight rows side by side, so their
   dependency chains overlap;
