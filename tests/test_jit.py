@@ -190,12 +190,17 @@ def test_bad_overrides_fail_before_any_work(home, checkpoint, overrides, error):
     assert not home.exists() or not (home / "models").exists()
 
 
-def test_a_checkpoint_with_its_own_library_and_overrides_builds_no_other_library(home, checkpoint):
-    """With a library given, overrides are limits within it: the cache converts the weights
-    once (the entry without overrides) and compiles nothing for the overrides."""
+def test_a_checkpoint_with_its_own_library_and_overrides_builds_no_other_library(home, checkpoint, caplog):
+    """With a library given, overrides are limits within it and backend options are ignored
+    with a warning: the cache converts the weights once (the entry without overrides) and
+    compiles nothing for either."""
     plain = prepare(checkpoint, quantization="q0f32")
     given = prepare(checkpoint, quantization="q0f32", model_lib=plain.lib, overrides="context_window_size=64")
     assert not given.built and given.model_dir == plain.model_dir and given.lib == plain.lib
+    with caplog.at_level("WARNING", logger="kiln"):
+        given = prepare(checkpoint, quantization="q0f32", model_lib=plain.lib, opts="activations=int8")
+    assert not given.built and given.model_dir == plain.model_dir and given.lib == plain.lib
+    assert f"ignoring --opt activations=int8: the library {plain.lib} is used as it was built" in caplog.text
     assert len(list((home / "models").iterdir())) == 1
 
 

@@ -271,12 +271,15 @@ def prepare(model, model_lib=None, device: str = "auto", quantization: str | Non
             opts: str | None = None, show_progress: bool | None = None, overrides=None) -> Prepared:
     """Resolve a model reference to a model directory and a library, building what is missing.
 
-    ``overrides`` (see :func:`kiln.pipeline.compile.parse_size_overrides`) are compiled into the library
-    that is built;
+    ``overrides`` (see :func:`kiln.pipeline.compile.parse_size_overrides`) and the backend options
+    ``opts`` are compiled into the library that is built;
     a library given as ``model_lib`` is used as it was built."""
     from .compile import parse_size_overrides
 
     sizes = parse_size_overrides(overrides)  # a mistake fails before any work
+    if model_lib is not None and opts:
+        log.warning("ignoring --opt %s: the library %s is used as it was built", opts, model_lib)
+        opts = None
     registry = get_registry()
     source = resolve_source(model, registry, runtime=True)
     name = _name_of(source, model)
