@@ -153,7 +153,72 @@ class LlamaCppPeer:
             "perf_counts": [perf.n_p_eval, perf.n_eval],
         }
 
+    def _batch_context(self, sequences: int):
+        """A second context on the same model for ``sequences`` sequences decoded in one batch
+        (llama.cpp's own way to serve several requests: ``llama-server``'s parallel slots)."""
+        lc, a = self.llama_cpp, self.args
+        params = lc.llama_context_default_params()
+        params.n_seq_max = sequences
+        params.n_ctx = sequences * (a.prompt_tokens + a.gen_tokens + 16)
+        params.n_batch = params.n_ubatch = max(512, a.prompt_tokens)
+        params.n_threads = params.n_threads_batch = a.threads
+        params.kv_unified = True  # one cache for all sequences, as the server uses it
+        ctx = lc.llama_init_from_model(self.llm._model.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {sequences} sequences")
+        return ctx, lc.llama_batch_init(max(params.n_batch, sequences), 0, 1)
+
+    def run_batch(self, prompts):
+        """All prompts at once, as ``kiln_concurrent`` runs them: each prompt is evaluated
+        (one decode call per prompt), then every step decodes one token of every sequence in one
+        batch, greedy.  Figures defined as kiln's: prefill = all prompt tokens / time until the
+        last sequence's first token; aggregate decode = sequences x (tokens - 1) / decode time."""
+        lc, np_, m, b = self.llama_cpp, self.np, self.args.gen_tokens, len(prompts)
+        if getattr(self, "_batched", None) is None or self._batched[2] != b:
+            self._close_batch()
+            self._batched = (*self._batch_context(b), b)
+        ctx, batch, _ = self._batched
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+
+        def put(i, token, pos, seq, logits):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+
+        def argmax(i):
+            return int(np_.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
+
+        def decode(n):
+            batch.n_tokens = n
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        t0 = time.perf_counter()
+        tokens = []
+        for seq, prompt in enumerate(prompts):
+            for i, token in enumerate(prompt):
+                put(i, token, i, seq, i == len(prompt) - 1)
+            decode(len(prompt))
+            tokens.append(argmax(len(prompt) - 1))
+        first = time.perf_counter()
+        for step in range(m - 1):
+            for seq in range(b):
+                put(seq, tokens[seq], len(prompts[seq]) + step, seq, True)
+            decode(b)
+            tokens = [argmax(seq) for seq in range(b)]
+        last = time.perf_counter()
+        return {"prefill_tok_s": sum(map(len, prompts)) / (first - t0), "ttft_s": first - t0,
+                "decode_tok_s": (m - 1) / (last - first) if m > 1 else None,
+                "aggregate_decode_tok_s": b * (m - 1) / (last - first) if m > 1 else None}
+
+    def _close_batch(self):
+        if getattr(self, "_batched", None) is not None:
+            ctx, batch, _ = self._batched
+            self.llama_cpp.llama_batch_free(batch)
+            self.llama_cpp.llama_free(ctx)
+            self._batched = None
+
     def close(self):
+        self._close_batch()
         self.llm.close()
 
 
@@ -329,7 +394,7 @@ def ratio(rounds_a, rounds_b, key_a, key_b, target):
     value = statistics.median(a) / statistics.median(b)
     disturbed = sum(1 for x in list(rounds_a) + list(rounds_b) if (x.get("others_cpu") or 0) > DISTURBED)
     return {"value": value, "min": min(paired) if paired else value, "max": max(paired) if paired else value,
-            "target": target, "met": value >= target, "disturbed_rounds": disturbed}
+            "target": target, "met": target is not None and value >= target, "disturbed_rounds": disturbed}
 
 
 def fmt_fig(fig) -> str:
@@ -364,23 +429,32 @@ def report(res) -> str:
         lines += ["", f"kiln, {conc['batch']} requests at once: aggregate decode {fmt_fig(conc['aggregate_decode_tok_s'])} "
                       f"tok/s (all {conc['batch']} decoding); per request {fmt_fig(conc['decode_tok_s'])} tok/s; "
                       f"prefill {fmt_fig(conc['prefill_tok_s'])} tok/s"]
+    lconc = res.get("llama_cpp_concurrent")
+    if lconc:
+        lines += [f"llama.cpp, {lconc['batch']} sequences in one batch: aggregate decode "
+                  f"{fmt_fig(lconc['aggregate_decode_tok_s'])} tok/s; per sequence {fmt_fig(lconc['decode_tok_s'])} "
+                  f"tok/s; prefill {fmt_fig(lconc['prefill_tok_s'])} tok/s (prompts one decode call each)"]
     lines += ["", f"{'kiln / peer':32s} {'ratio (min–max per round)':>26s} {'target':>7s}  status"]
     names = {"decode_vs_llama_cpp": "decode, kiln / llama.cpp", "prefill_vs_llama_cpp": "prefill, kiln / llama.cpp",
              "decode_vs_transformers": "decode, kiln / transformers",
              "concurrent_vs_single": f"kiln decode, {c['concurrency']} at once / 1"}
+    if lconc:
+        names["llama_cpp_concurrent_vs_single"] = f"llama.cpp, {c['concurrency']} at once / 1"
+        names["concurrent_vs_llama_cpp"] = f"{c['concurrency']} at once, kiln / llama.cpp"
     for key, label in names.items():
         r = res["ratios"].get(key)
-        target = f"≥{TARGETS[key]:.1f}x"
+        target = f"≥{TARGETS[key]:.1f}x" if key in TARGETS else "-"
         if r is None:
             lines.append(f"{label:32s} {'n/a':>26s} {target:>7s}  not measured")
         else:
             value = f"{r['value']:.2f}x ({r['min']:.2f}–{r['max']:.2f})"
-            status = "met" if r["met"] else "NOT MET"
+            status = "for reference" if r["target"] is None else "met" if r["met"] else "NOT MET"
             if r.get("disturbed_rounds"):
                 status += f" (unreliable: {r['disturbed_rounds']} disturbed round{'s' if r['disturbed_rounds'] > 1 else ''})"
             lines.append(f"{label:32s} {value:>26s} {target:>7s}  {status}")
     disturbed = [f"{name} round {i + 1} ({100 * x['others_cpu']:.0f}%)"
-                 for name, entry in list(res["peers"].items()) + [("kiln_concurrent", conc or {})]
+                 for name, entry in list(res["peers"].items()) + [("kiln_concurrent", conc or {}),
+                                                                  ("llama.cpp_concurrent", lconc or {})]
                  for i, x in enumerate(entry.get("rounds", [])) if (x.get("others_cpu") or 0) > DISTURBED]
     if disturbed:
         lines += ["", f"note: other processes used more than {100 * DISTURBED:.0f}% of the CPUs during "
@@ -476,20 +550,27 @@ def main(argv=None):
     order = [(name, peer) for name, peer in peers.items()]
     if conc > 0:
         order.append(("kiln_concurrent", kiln))
+        if "llama.cpp" in peers:
+            order.append(("llama.cpp_concurrent", peers["llama.cpp"]))
+
+    def run(name, peer, prompts):
+        return peer.run_batch(prompts) if name == "llama.cpp_concurrent" else peer.run(prompts)
+
     rounds: dict[str, list[dict]] = {name: [] for name, _ in order}
+    concurrent = ("kiln_concurrent", "llama.cpp_concurrent")
     for name, peer in order:  # warm-up
-        peer.run(make_prompts(vocab, n, conc, 10_007) if name == "kiln_concurrent" else prompt(10_007))
+        run(name, peer, make_prompts(vocab, n, conc, 10_007) if name in concurrent else prompt(10_007))
         time.sleep(args.settle)
     for r in range(args.rounds):
         for name, peer in order:
-            prompts = make_prompts(vocab, n, conc, 1000 + r) if name == "kiln_concurrent" else prompt(r)
+            prompts = make_prompts(vocab, n, conc, 1000 + r) if name in concurrent else prompt(r)
             before = cpu_snapshot()
-            out = peer.run(prompts)
+            out = run(name, peer, prompts)
             out["others_cpu"] = others_cpu_share(before, cpu_snapshot())
             rounds[name].append(out)
             if not args.json:
                 others = "" if out["others_cpu"] is None else f"   (other processes: {100 * out['others_cpu']:.0f}% CPU)"
-                say(f"round {r + 1}/{args.rounds} {name:16s} prefill {out['prefill_tok_s']:8.1f} tok/s   decode "
+                say(f"round {r + 1}/{args.rounds} {name:20s} prefill {out['prefill_tok_s']:8.1f} tok/s   decode "
                     f"{out['decode_tok_s'] or 0:8.1f} tok/s" + (f"   aggregate {out['aggregate_decode_tok_s']:.1f} tok/s"
                                                              if out.get("aggregate_decode_tok_s") else "") + others)
             time.sleep(args.settle)
@@ -509,15 +590,25 @@ def main(argv=None):
             entry["perf_decode_tok_s"] = figure(x["perf_decode_tok_s"] for x in rounds[name])
             entry["extra_bufts"] = peer.extra_bufts
         res["peers"][name] = entry
+    for name in concurrent:
+        if name not in rounds:
+            continue
+        cr = rounds[name]
+        res[name.replace(".", "_")] = {"batch": conc,
+                                       "aggregate_decode_tok_s": figure(x["aggregate_decode_tok_s"] for x in cr),
+                                       "decode_tok_s": figure(x["decode_tok_s"] for x in cr),
+                                       "prefill_tok_s": figure(x["prefill_tok_s"] for x in cr),
+                                       "rounds": cr}
     if conc > 0:
         cr = rounds["kiln_concurrent"]
-        res["kiln_concurrent"] = {"batch": conc,
-                                  "aggregate_decode_tok_s": figure(x["aggregate_decode_tok_s"] for x in cr),
-                                  "decode_tok_s": figure(x["decode_tok_s"] for x in cr),
-                                  "prefill_tok_s": figure(x["prefill_tok_s"] for x in cr),
-                                  "rounds": cr}
         res["ratios"]["concurrent_vs_single"] = ratio(cr, rounds["kiln"], "aggregate_decode_tok_s", "decode_tok_s",
                                                       TARGETS["concurrent_vs_single"])
+        if "llama.cpp_concurrent" in rounds:  # for reference: no target
+            lr = rounds["llama.cpp_concurrent"]
+            res["ratios"]["llama_cpp_concurrent_vs_single"] = ratio(lr, rounds["llama.cpp"], "aggregate_decode_tok_s",
+                                                                    "decode_tok_s", None)
+            res["ratios"]["concurrent_vs_llama_cpp"] = ratio(cr, lr, "aggregate_decode_tok_s",
+                                                             "aggregate_decode_tok_s", None)
     k = rounds["kiln"]
     if "llama.cpp" in peers:
         res["ratios"]["decode_vs_llama_cpp"] = ratio(k, rounds["llama.cpp"], "decode_tok_s", "decode_tok_s",
