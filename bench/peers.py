@@ -7,8 +7,9 @@ Every peer runs the same model file (the Q4_1 GGUF of SmolLM2-135M-Instruct that
 ships; kiln converts it to its default CPU scheme, which stores exactly the Q4_1 data), on T
 threads (default: all cores), batch 1, the same random prompt ids in each round, greedy, exactly
 --gen-tokens tokens (end-of-sequence ignored).  One warm-up each, then --rounds rounds in which
-the peers take turns (kiln, llama.cpp, transformers, kiln with --concurrency requests, kiln, ...),
-with a short pause between peers so that one's spinning threads do not slow the next.
+the peers take turns (kiln, llama.cpp, transformers, kiln with --concurrency requests, llama.cpp
+with as many sequences, kiln, ...), with a short pause between peers so that one's spinning
+threads do not slow the next.
 
 * kiln: through ``kiln.Engine`` (``kiln.runtime.bench.measure``: what ``kiln bench`` measures).
 * llama.cpp: ``llama_cpp.Llama`` (llama-cpp-python), ``eval`` of the prompt, then one token at a
@@ -24,9 +25,12 @@ included).  llama.cpp's own perf counters (``llama_perf_context``: time inside i
 only) are printed beside its wall-clock figures for reference; the ratios use the wall clock.
 
 Also: kiln's aggregate decode rate with --concurrency requests at once against its single-request
-rate, and the memory-bandwidth bound of decode: bytes of weights one decode step reads divided
-into the measured read bandwidth (T threads), on a buffer the size of the weights (what decode
-streams from; it may fit the last-level cache) and on a 2 GiB buffer (DRAM).
+rate; for reference, llama.cpp's with as many sequences decoded in one batch (a second context,
+``n_seq_max`` sequences in one cache, as ``llama-server`` serves parallel requests) against its
+own single rate and against kiln's; and the memory-bandwidth bound of decode: bytes of weights
+one decode step reads divided into the measured read bandwidth (T threads), on a buffer the
+size of the weights (what decode streams from; it may fit the last-level cache) and on a 2 GiB
+buffer (DRAM).
 
 A missing peer is reported with what to install, and the others still run.  Nothing is
 installed by this script; see bench/README.md.
