@@ -1,7 +1,7 @@
 """The CPU backend's kernels and schedule rules, each against numpy or the unscheduled TVM kernel.
 
 Shapes are chosen to hit every path: decode (activations ``[B, 1, K]``) and prefill
-(``[1, B, K]``), batch sizes that are not multiples of the tiles (8, 4, 2, lone rows), more rows
+(``[1, B, K]``), batch sizes that are not multiples of the tiles (4 rows by 2 weight rows, 2, lone rows), more rows
 than one re-layout chunk (64), weight rows whose word count is not a multiple of the vector
 width (a vector tail), 4-bit asymmetric and symmetric and 8-bit weights, pages that are only
 partly filled, grouped-query heads, several sequences in one prefill, and scaled RoPE.
@@ -94,7 +94,7 @@ def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes, ac
     int8 = activations == "int8"
     fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", lanes, batch_first=not prefill,
                                  int8=int8, vnni=int8 and VNNI and lanes <= LANES))
-    for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 8, 4, 2, lone rows; two re-layout chunks
+    for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 4 (by 2 weight rows), 2, lone rows; two re-layout chunks
         x = rng.standard_normal((rows, k)).astype(np.float32)
         shape = (1, rows, k) if prefill else (rows, 1, k)
         out_shape = (1, rows, n) if prefill else (rows, 1, n)
