@@ -129,6 +129,7 @@ class LlamaCppPeer:
         self.extra_bufts = bool(self.llm.model_params.use_extra_bufts)
         self.n_vocab = self.llm.n_vocab()
         self.label = f"llama.cpp {gguf_type(gguf)}"
+        self._batched = None  # (context, batch, sequences) of run_batch, made on first use
 
     def _argmax(self) -> int:
         logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
@@ -178,7 +179,7 @@ class LlamaCppPeer:
         batch, greedy.  Figures defined as kiln's: prefill = all prompt tokens / time until the
         last sequence's first token; aggregate decode = sequences x (tokens - 1) / decode time."""
         lc, np_, m, b = self.llama_cpp, self.np, self.args.gen_tokens, len(prompts)
-        if getattr(self, "_batched", None) is None or self._batched[2] != b:
+        if self._batched is None or self._batched[2] != b:
             self._close_batch()
             self._batched = (*self._batch_context(b), b)
         ctx, batch, _ = self._batched
@@ -215,7 +216,7 @@ class LlamaCppPeer:
                 "aggregate_decode_tok_s": b * (m - 1) / (last - first) if m > 1 else None}
 
     def _close_batch(self):
-        if getattr(self, "_batched", None) is not None:
+        if self._batched is not None:
             ctx, batch, _ = self._batched
             self.llama_cpp.llama_batch_free(batch)
             self.llama_cpp.llama_free(ctx)
