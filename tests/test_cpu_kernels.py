@@ -25,7 +25,7 @@ from kiln_backends.cpu_schedules import schedule_pass, vector_bits
 
 TARGET = tvm.target.Target(host_target({}))
 LANES = max(vector_bits(TARGET) // 32, 4)
-VNNI = ck.byte_dots(TARGET)  # int8 activations run on vpdpbusd here, else on widening products
+VNNI = ck.byte_dots(TARGET)  # dot products run on vpdpbusd / vpdpwssd here, else on widening products
 
 
 def build(func):
@@ -93,7 +93,7 @@ def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes, ac
     scaled, offset = dequantize(qw, qs, qm, bits)
     int8 = activations == "int8"
     fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", lanes, batch_first=not prefill,
-                                 int8=int8, vnni=int8 and VNNI and lanes <= LANES))
+                                 int8=int8, vnni=VNNI and lanes <= LANES))
     for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 4 (by 2 weight rows), 2, lone rows; two re-layout chunks
         x = rng.standard_normal((rows, k)).astype(np.float32)
         shape = (1, rows, k) if prefill else (rows, 1, k)
@@ -121,7 +121,7 @@ def test_quantized_projection_does_not_depend_on_the_batch(k, int8):
     n = 64
     qw, qs, qm = random_weights(rng, n, k, 4, True)
     fn = build(ck.quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", LANES, batch_first=False,
-                                 int8=int8, vnni=int8 and VNNI))
+                                 int8=int8, vnni=VNNI))
     x = rng.standard_normal((1, 75, k)).astype(np.float32)
     (whole,) = run(fn, [x, qw, qs, qm], [((1, 75, n), "float32")])
     for rows in (1, 2, 3, 5, 8, 13):
