@@ -3,7 +3,8 @@
 Shapes are chosen to hit every path: decode (activations ``[B, 1, K]``) and prefill
 (``[1, B, K]``), batch sizes that are not multiples of the tiles (4 rows by 2 weight rows, 2, lone rows), more rows
 than one re-layout chunk (64), weight rows whose word count is not a multiple of the vector
-width (a vector tail), 4-bit asymmetric and symmetric and 8-bit weights, pages that are only
+width (a vector tail), rows long enough for transposed super blocks of 16 groups and the
+words after them, 4-bit asymmetric and symmetric, 8-bit and 2-bit weights, pages that are only
 partly filled, grouped-query heads, several sequences in one prefill, and scaled RoPE.
 """
 
@@ -80,6 +81,7 @@ GEMV_CASES = [  # (N, K, bits, asymmetric)
     (16, 544, 8, True),  # 136 words of 8-bit codes: 8 blocks of 16 and 8 over
     (16, 4160, 4, True),  # long rows run in chunks of blocks (3 here), the last with the overlapping block
     (8, 2080, 8, False),
+    (32, 1088, 2, True),  # 2-bit codes, 2 words a group: super blocks of 2-word units, then a 4-word tail
 ]
 
 

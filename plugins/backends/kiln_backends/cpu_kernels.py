@@ -81,7 +81,7 @@ log = logging.getLogger("kiln")
 
 ROWS_PER_TASK = 4  # weight rows per parallel task
 PAIR = 2  # weight rows computed side by side for a lone activation row
-BATCH_TILE = 4  # activation rows sharing one unpacking of a word block (a power of two >= 4)
+BATCH_TILE = 4  # activation rows sharing one unpacking of a word block (even; the rest runs in tiles of 2)
 TILE_WEIGHT_ROWS = 2  # weight rows of such a tile, side by side (a divisor of ROWS_PER_TASK)
 CHUNK_ROWS = 64  # activation rows re-laid out (and kept in cache) at a time
 PARALLEL_RELAYOUT = 8  # chunks of at least this many rows are re-laid out by all threads
