@@ -87,13 +87,17 @@ GEMV_CASES = [  # (N, K, bits, asymmetric)
 
 @pytest.mark.parametrize("n,k,bits,asym", GEMV_CASES)
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
-@pytest.mark.parametrize("lanes", [8, 16], ids=["avx2", "avx512"])  # both vector widths, whatever this host has
+@pytest.mark.parametrize("lanes", [4, 8, 16], ids=["neon", "avx2", "avx512"])  # every vector width, whatever this host has
 @pytest.mark.parametrize("activations", ["int16", "int8"])
 def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes, activations):
     rng = np.random.default_rng(n + k + bits)
     qw, qs, qm = random_weights(rng, n, k, bits, asym)
     scaled, offset = dequantize(qw, qs, qm, bits)
     int8 = activations == "int8"
+    if not ck._gemv_takes(n, k, bits, 32, lanes):  # 8-bit groups are wider than 4 lanes' words
+        with pytest.raises(ValueError, match="not supported"):
+            ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", lanes, batch_first=not prefill)
+        return
     fn = build(ck.quantized_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", lanes, batch_first=not prefill,
                                  int8=int8, vnni=VNNI and lanes <= LANES))
     for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 4 (by 2 weight rows), 2, lone rows; two re-layout chunks
