@@ -79,7 +79,8 @@ GEMV_CASES = [  # (N, K, bits, asymmetric)
     (40, 576, 8, False),  # llama.cpp's Q8_0 grid, as kiln stores embeddings
     (24, 608, 4, False),  # 76 words: the last block overlaps the one before by 4 words
     (16, 544, 8, True),  # 136 words of 8-bit codes: 8 blocks of 16 and 8 over
-    (16, 4160, 4, True),  # long rows run in chunks of blocks (3 here), the last with the overlapping block
+    (16, 4288, 4, True),  # long rows run in chunks of blocks (2 at 16 lanes), the last ending with an 8-word tail
+    (8, 4192, 4, False),  # 524 words: chunks at 16 lanes, the last ending with the overlapping block (a 12-word tail)
     (8, 2080, 8, False),
     (32, 1088, 2, True),  # 2-bit codes, 2 words a group: super blocks of 2-word units, then a 4-word tail
 ]
@@ -118,7 +119,7 @@ def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes, ac
         assert np.abs(y - exact).max() <= (1e-4 if activations == "int16" else 2e-2) * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("k", [576, 4160])  # whole rows; rows in chunks for the larger tiles
+@pytest.mark.parametrize("k", [576, 4288])  # whole rows; rows in chunks for the larger tiles
 @pytest.mark.parametrize("int8", [False, True], ids=["int16", "int8"])
 def test_quantized_projection_does_not_depend_on_the_batch(k, int8):
     """A row's result is bit for bit the same alone and in any batch: batching must not change
