@@ -133,15 +133,22 @@ def byte_dots(target: tvm.target.Target) -> bool:
         return False
 
 
+def _unit_lane(u, words_per_group: int, lanes: int):
+    """The lane that :func:`_transpose_plan` puts unit ``u`` (a run of ``words_per_group`` words,
+    counted from the first vector's) in: a Python int or a TIR expression."""
+    per = lanes // words_per_group  # units per input vector
+    return u % per * words_per_group + u // per
+
+
 def _transpose_plan(words_per_group: int, lanes: int):
     """How ``S = words_per_group`` vectors of ``lanes`` words (``lanes / S`` whole groups each, the
     groups of vector ``j`` after those of vector ``j - 1``) become ``S`` vectors, the ``v``-th of
     which holds word ``v`` of every group: ``log2(S)`` stages of two-input shuffles, a butterfly
     over vectors ``c`` apart interleaving ``c``-word chunks of the low (or high) halves of their
     groups (``vpunpck[l|h]dq`` then ``vpunpck[l|h]qdq`` for 4 words a group).  Group ``g`` lands
-    in lane ``(g % (lanes / S)) * S + g // (lanes / S)``.  Returns the stages (per output, its two
-    inputs and the indices into their concatenation) and which output holds which word; the plan
-    is simulated on (group, word) tags and checked."""
+    in lane :func:`_unit_lane` ``(g)``.  Returns the stages (per output, its two inputs and the
+    indices into their concatenation) and which output holds which word; the plan is simulated on
+    (group, word) tags and checked."""
     S, L = words_per_group, lanes
     tags = [[(j * (L // S) + l // S, l % S) for l in range(L)] for j in range(S)]
     plan, c = [], 1
@@ -159,7 +166,7 @@ def _transpose_plan(words_per_group: int, lanes: int):
         plan.append(stage)
         tags, c = new, 2 * c
     word_at = [tags[o][0][1] for o in range(S)]
-    assert all(tags[o] == [((l % S) * (L // S) + l // S, word_at[o]) for l in range(L)] for o in range(S))
+    assert all(tags[o][_unit_lane(g, S, L)] == (g, word_at[o]) for o in range(S) for g in range(L))
     return plan, word_at
 
 
@@ -328,7 +335,8 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     def group_scales(qs, n, s):
         """The scales of super block ``s``'s groups, in the lanes the transpose puts their units in."""
         v = T.Cast(f"float32x{GPS}", qs[n, T.Ramp(s * GPS, 1, GPS)])
-        return T.Shuffle([v] * UPG, [((lane % S) * (L // S) + lane // S) // UPG for lane in range(L)])
+        unit_at = sorted(range(L), key=lambda u: _unit_lane(u, S, L))  # the unit in each lane
+        return T.Shuffle([v] * UPG, [u // UPG for u in unit_at])
 
     def chains(n_batch, n_rows_side):
         """Integer accumulators per output in a super block: a small tile's few outputs would
@@ -553,10 +561,6 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
 
     VR = RELAYOUT_LANES
 
-    def lane_of(u):
-        """The lane of a super block's unit ``u`` of ``S`` words (:func:`_transpose_plan`)."""
-        return u % (L // S) * S + u // (L // S)
-
     def x_vec(x, row, start, n, stride=1):
         """``n`` activations of row ``row`` from column ``start`` on, ``stride`` apart, as float32."""
         v = x[row, 0, T.Ramp(start, stride, n)] if batch_first else x[0, row, T.Ramp(start, stride, n)]
@@ -600,11 +604,11 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 if g < NSB * GPS:  # a super block's group: word v of a unit beside word v of the others
                     for q in T.serial(Q):
                         for v in T.serial(WG):
-                            xq[b, q, T.Ramp(SUB * (g // GPS * SB + v % S * L + lane_of(g % GPS * UPG + v // S)), 1, SUB)] = T.Cast(
+                            xq[b, q, T.Ramp(SUB * (g // GPS * SB + v % S * L + _unit_lane(g % GPS * UPG + v // S, S, L)), 1, SUB)] = T.Cast(
                                 f"{XT}x{SUB}", T.round(x_vec(x, row, g * group + q + Q * SUB * v, SUB, Q)
                                                        * T.Broadcast(st[1], SUB)))
                     for u in T.serial(UPG):
-                        xd[b, g // GPS * SB + lane_of(g % GPS * UPG + u)] = st[0] * T.float32(1.0 / STEPS)
+                        xd[b, g // GPS * SB + _unit_lane(g % GPS * UPG + u, S, L)] = st[0] * T.float32(1.0 / STEPS)
                 else:
                     for q in T.serial(Q):  # code q of each sub-word: every Q-th activation of the group
                         xq[b, q, T.Ramp(g * (group // Q) + SUB * moved(g), 1, group // Q)] = T.Cast(
