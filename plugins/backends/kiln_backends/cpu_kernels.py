@@ -47,9 +47,13 @@ its inner loop is integer arithmetic, as llama.cpp's is:
   once for both weight rows (4 x 2 prefilled 5-14% faster than 8 x 1 in the engine, and decoded
   8 sequences as fast); a lone row instead runs ``PAIR`` weight rows side by side, so their
   dependency chains overlap;
-* weight rows are spread over threads, and each task prefetches the rows a few tasks ahead: a
-  decode step streams the whole model from memory, and the hardware prefetcher alone left the
-  kernel at half the bandwidth it reaches with the hint;
+* weight rows are spread over threads, and each block of a row hints the same words (and the
+  super block's scales and minima) of the row ``PREFETCH_ROWS`` further on into L2: a decode
+  step streams the whole model from memory, and the hardware prefetcher alone left the kernel
+  at half the bandwidth it reaches with the hints.  Spread over the blocks, each hint costs an
+  instruction or two; the burst of hints at the start of each task they replace (each line's
+  address a division by the row length) left SmolLM2 decoding 8 sequences 14% and one 6%
+  slower, and bursts with cheap addresses were slower still for some shapes;
 * long inputs (prefill) run in chunks of ``CHUNK_ROWS`` activation rows, so the quantized
   activations stay in the core's cache while every weight row passes over them; long rows (more
   than 4096 columns for a tile of 4 activation rows with int16) run in chunks of blocks, so a tile's
@@ -93,7 +97,7 @@ VNNI_WIDTHS = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.
                4: "llvm.x86.avx512.vpdpbusd.128"}  # int32 lanes: LLVM's byte dot product
 WORD_VNNI_WIDTHS = {16: "llvm.x86.avx512.vpdpwssd.512", 8: "llvm.x86.avx512.vpdpwssd.256",
                     4: "llvm.x86.avx512.vpdpwssd.128"}  # the same for pairs of int16
-PREFETCH_ROWS = 8  # how far ahead the weight rows are prefetched (the stream comes from DRAM)
+PREFETCH_ROWS = 8  # how far ahead weight rows are prefetched (the stream comes from DRAM; 4 and 16 did the same)
 RELAYOUT_LANES = 8  # lanes a group's largest magnitude and sum are folded down to in the relayout
 
 
@@ -351,12 +355,18 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         CH = chains(n_batch, n_rows_side)
 
         @T.macro
-        def sblock(qw, qs, xq, xd, acc, sv, isum, tw, n, s, b0):
+        def sblock(qw, qs, qm, xq, xd, acc, sv, isum, tw, n, s, b0):
             for rb in T.unroll(n_rows_side):
                 tw[rb, T.Ramp(0, 1, SB)] = transposed(qw, n + rb, s)
                 sv[rb, T.Ramp(0, 1, L)] = group_scales(qs, n + rb, s)
             for a in T.unroll(n_batch * n_rows_side * CH):
                 isum[a, T.Ramp(0, 1, L)] = T.Broadcast(T.int32(0), L)
+            for rb in T.unroll(n_rows_side):
+                for j in T.unroll(S):
+                    T.evaluate(ahead(qw, n + rb, s * SB + j * L))
+                T.evaluate(ahead(qs, n + rb, s * GPS))
+                if has_min:
+                    T.evaluate(ahead(qm, n + rb, s * GPS))
             for v in T.unroll(S):
                 for rb in T.unroll(n_rows_side):
                     for bb in T.unroll(n_batch):
@@ -381,6 +391,8 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         @T.macro
         def block(qh, qs, xq, xd, acc, sv, n, w0, a0, b0):
             for rb in T.unroll(n_rows_side):
+                T.evaluate(ahead(qh, n + rb, w0 if int8 else 2 * w0))
+            for rb in T.unroll(n_rows_side):
                 sv[rb, T.Ramp(0, 1, nl)] = spread(qs, n + rb, w0 // WG, nl)
                 for bb in T.unroll(n_batch):
                     acc[rb * n_batch + bb, T.Ramp(0, 1, nl)] = (
@@ -388,6 +400,13 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                         + T.Cast(f"float32x{nl}", dot(qh, n + rb, w0, xq, a0, b0 + bb, nl))
                         * (sv[rb, T.Ramp(0, 1, nl)] * xd[b0 + bb, T.Ramp(a0, 1, nl)]))
         return block
+
+    def ahead(buf, n, col):
+        """A hint to fetch column ``col`` of row ``n + PREFETCH_ROWS`` of ``buf`` (the last row
+        past the end) into L2.  Into L1 (``prefetcht0``) a lone row of 1536 columns streamed
+        from memory ran 1.4x slower: the hints held the L1's few outstanding misses."""
+        return T.call_intrin("", "tirx.prefetch", T.address_of(
+            buf[T.min(n + PREFETCH_ROWS, n_rows - 1), col]), 0, 2, 1)
 
     def span(start, nl):
         """Index of ``nl`` consecutive lanes (one lane: a scalar index)."""
@@ -443,13 +462,13 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                         acc[a, 0] + acc[a, 1], (T.int64(0), yb0 + a % n_batch, n + a // n_batch))
 
         @T.macro
-        def blocks(qw, qh, qs, xq, xd, acc, sv, isum, tw, n, b0, kb0, kb1):
+        def blocks(qw, qh, qs, qm, xq, xd, acc, sv, isum, tw, n, b0, kb0, kb1):
             """Blocks ``[kb0, kb1)`` (``kb0`` a multiple of ``S``): first the super blocks among
             them, then word blocks; the last of a row that overlaps (``OVERLAP``) starts at
             weight word ``W - L``, against its own block of activations."""
             if NSB > 0:
                 for s in T.serial(kb0 // S, T.max(kb0, T.min(kb1, NSB * S)) // S):
-                    sup(qw, qs, xq, xd, acc, sv, isum, tw, n, s, b0)
+                    sup(qw, qs, qm, xq, xd, acc, sv, isum, tw, n, s, b0)
             for kb in T.serial(T.max(kb0, NSB * S), T.max(kb1, T.max(kb0, NSB * S))):
                 full(qh, qs, xq, xd, acc, sv, n, T.min(kb * L, W - L), kb * L, b0)
             if TAIL > 0 and not OVERLAP:  # a narrower block for the row's last words
@@ -466,11 +485,11 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         acc[a, l] = T.float32(0)
-                blocks(qw, qh, qs, xq, xd, acc, sv, isum, tw, n, b0, 0, NBX)
+                blocks(qw, qh, qs, qm, xq, xd, acc, sv, isum, tw, n, b0, 0, NBX)
                 finish(qs, qm, y, xs, acc, n, b0, yb0)
 
         @T.macro
-        def part(qw, qh, qs, xq, xd, n, b0, saved, slot, kc):
+        def part(qw, qh, qs, qm, xq, xd, n, b0, saved, slot, kc):
             """Chunk ``kc`` of the blocks, added to the tile's partial sums in ``saved[slot]``."""
             with T.sblock("tile"):
                 acc = T.sblock_alloc_buffer((NA, L), "float32")
@@ -480,7 +499,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         acc[a, l] = saved[slot, a, l]
-                blocks(qw, qh, qs, xq, xd, acc, sv, isum, tw, n, b0, kc * CB, T.min(NBX, kc * CB + CB))
+                blocks(qw, qh, qs, qm, xq, xd, acc, sv, isum, tw, n, b0, kc * CB, T.min(NBX, kc * CB + CB))
                 for a in T.unroll(NA):
                     for l in T.vectorized(L):
                         saved[slot, a, l] = acc[a, l]
@@ -515,7 +534,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                             saved[r, a, l] = T.float32(0)
                 for kc in T.serial(nch):
                     for r in T.serial(per):
-                        part(qw, qh, qs, xq, xd, no * RT + r * n_rows_side, b0 + r * unknown_zero(xq), saved, r, kc)
+                        part(qw, qh, qs, qm, xq, xd, no * RT + r * n_rows_side, b0 + r * unknown_zero(xq), saved, r, kc)
                 for r in T.serial(per):
                     last(qs, qm, y, xs, no * RT + r * n_rows_side, b0, yb0, saved, r)
         return whole, (chunked if nch > 1 else whole), nch > 1
@@ -530,9 +549,6 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
             """Weight rows ``no * RT ..`` times the chunk's ``nb`` activation rows: tiles of BT
             rows (by ``TILE_WEIGHT_ROWS`` weight rows), then tiles of 2 for the rest, then a
             lone row."""
-            for c in T.serial((RT * W + 15) // 16):  # one prefetch per 64-byte line
-                T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(
-                    qw[T.min(no * RT + PREFETCH_ROWS + c * 16 // W, n_rows - 1), c * 16 % W]), 0, 3, 1))
             for bt in T.serial(nb // BT):
                 big(qw, qh, qs, qm, y, xq, xs, xd, no, bt * BT, mc * MC + bt * BT)
             for t in T.serial(nb % BT // 2):
