@@ -22,7 +22,7 @@ from kiln.quantization import GroupQuant
 from kiln.quantization.layers import q_dense
 from kiln_backends import cpu_kernels as ck
 from kiln_backends.cpu import host_target
-from kiln_backends.cpu_schedules import schedule_pass, vector_bits
+from kiln_backends.cpu_schedules import SERIAL_ITERATIONS, _iterations, schedule_pass, serial_twins_pass, vector_bits
 
 TARGET = tvm.target.Target(host_target({}))
 LANES = max(vector_bits(TARGET) // 32, 4)
@@ -262,6 +262,41 @@ def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
         (ref,) = run(tvm.compile(plain, TARGET)["main"], inputs, [((rows, dim), "float32")])
         (y,) = run(tvm.compile(mod, TARGET)["main"], inputs, [((rows, dim), "float32")])
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_small_kernels_run_serially_and_large_ones_in_parallel_with_the_same_results():
+    """The rules' kernels get a serial twin for small work (a decode step's RMSNorm and
+    element-wise kernels): row counts on both sides of the threshold give the unscheduled
+    kernel's results, and both loops are in the code."""
+    rng = np.random.default_rng(7)
+    dim = 576
+    rows = te.var("rows", "int64")
+    A = te.placeholder((rows, 2 * dim), "float32")
+    G = te.placeholder((dim,), "float32")
+    silu = te.compute((rows, dim), lambda i, j: A[i, j] / (1 + te.exp(-A[i, j])) * A[i, dim + j], name="silu_mul")
+    k = te.reduce_axis((0, dim), name="k")
+    sq = te.compute((rows,), lambda i: te.sum(A[i, k] * A[i, k], axis=k), name="sq")
+    norm = te.compute((rows, dim), lambda i, j: A[i, j] * te.rsqrt(sq[i] / dim + 1e-5) * G[j], name="norm")
+    for outs, with_g in (([A, silu], False), ([A, G, norm], True)):
+        plain = tvm.IRModule({"main": te.create_prim_func(outs)})
+        with TARGET:
+            mod = serial_twins_pass()(schedule_pass(TARGET)(plain))
+        func = mod["main"]
+        twin = func.body.block.body
+        assert isinstance(twin, tvm.tirx.IfThenElse)
+        assert twin.then_case.kind == tvm.tirx.ForKind.SERIAL and twin.else_case.kind == tvm.tirx.ForKind.PARALLEL
+        per_row = _iterations(twin.else_case.body) * int(twin.else_case.extent.b) if isinstance(
+            twin.else_case.extent, tvm.tirx.Mul) else _iterations(twin.else_case.body)
+        serial_rows = SERIAL_ITERATIONS // per_row
+        assert serial_rows >= 1
+        ref_fn = tvm.compile(plain, TARGET)["main"]
+        fn = tvm.compile(mod, TARGET)["main"]
+        for n in (1, serial_rows, serial_rows + 1, 3 * serial_rows + 5):
+            a = rng.standard_normal((n, 2 * dim)).astype(np.float32)
+            inputs = [a, rng.standard_normal(dim).astype(np.float32)] if with_g else [a]
+            (ref,) = run(ref_fn, inputs, [((n, dim), "float32")])
+            (y,) = run(fn, inputs, [((n, dim), "float32")])
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ attention

@@ -20,7 +20,7 @@ def pipeline(target, opts):
     from tvm import relax
 
     from .cpu_kernels import replace_kernels, replace_projections
-    from .cpu_schedules import schedule_pass
+    from .cpu_schedules import schedule_pass, serial_twins_pass
 
     scheduled = bool(opts.get("schedule", 1))
     activations = opts.get("activations", "int16")
@@ -40,8 +40,10 @@ def pipeline(target, opts):
         ]
         if scheduled:
             passes += [replace_projections(target, int8=activations == "int8"), schedule_pass(target)]
+        passes += [relax.transform.RewriteDataflowReshape()]
+        if scheduled:
+            passes += [serial_twins_pass()]
         passes += [
-            relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(),
             relax.transform.CallTIRRewrite(),
