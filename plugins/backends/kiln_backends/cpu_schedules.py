@@ -13,7 +13,9 @@ These rules are generic over shapes and models:
   outer axes, vectorized inner axis.
 
 A rule that does not match (or fails) returns ``None`` and the next rule is tried, so an odd
-kernel stays correct, only slower.
+kernel stays correct, only slower.  Each parallel loop the rules emit then gets a serial twin,
+taken when the loop's whole work is small (:func:`serial_twins_pass`): a decode step's kernels
+of one row per sequence spent more time waking the thread pool than computing.
 """
 
 from __future__ import annotations
