@@ -242,7 +242,8 @@ def test_float_matmul_rule_matches_numpy(m, n, k):
 
 @pytest.mark.parametrize("shape", [(3, 576), (5, 37)])
 def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
-    """RMSNorm (reduction rule) and a fused split + SiLU + multiply (injective rule)."""
+    """RMSNorm (row-reduction rule, or dlight's reduction rule where the vector lanes do not
+    divide the row) and a fused split + SiLU + multiply (injective rule)."""
     rng = np.random.default_rng(4)
     rows, dim = shape
     A = te.placeholder((rows, 2 * dim), "float32")
@@ -259,6 +260,8 @@ def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
         with TARGET:
             mod = schedule_pass(TARGET)(mod)
         assert "tirx.is_scheduled" in mod["main"].attrs
+        if len(inputs) == 2:  # RMSNorm: a row's sum over vector lanes where they divide it
+            assert ("_rf" in mod["main"].script()) == (dim % LANES == 0)
         (ref,) = run(tvm.compile(plain, TARGET)["main"], inputs, [((rows, dim), "float32")])
         (y,) = run(tvm.compile(mod, TARGET)["main"], inputs, [((rows, dim), "float32")])
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@ These rules are generic over shapes and models:
   their fused element-wise epilogues.  The reduction is split into vector-width lanes
   (``rfactor``), output rows are spread over threads, and the batch/sequence rows run inside
   each thread so a tile of weight rows is reused from cache.
-* dlight's CPU ``Reduction`` rule for RMSNorm/softmax-like functions.
+* :class:`RowReductionRule` — RMSNorm-like functions: dlight's CPU ``Reduction`` rule with each
+  row's sum split over vector lanes; the rule itself for other reductions (softmax-like).
 * :class:`InjectiveRule` — element-wise and gather functions: one parallel loop over the fused
   outer axes, vectorized inner axis.
 
@@ -150,6 +151,47 @@ class MatmulRule(_SafeRule):
         return sch
 
 
+class RowReductionRule(_SafeRule):
+    """RMSNorm-like functions (reductions over a row's last axis, then element-wise) as dlight's
+    CPU ``Reduction`` rule schedules them, but with each sum split over vector lanes first
+    (``rfactor``): the rule alone adds a row one value at a time, a chain of dependent adds
+    (576 of them for SmolLM2, about 0.6 us a row); with 16 partial sums in a vector 8 rows took
+    1.4 us instead of 3.7 and 64 rows 4.2 instead of 22.  Functions of another form are left
+    to the rule itself."""
+
+    def schedule(self, func, target):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or all(i.is_injective() for i in infos):
+            return None
+        lanes = vector_bits(target) // 32
+        partials = []
+        for info in infos:
+            if info.is_injective():
+                continue
+            kinds = info.dom_kind()
+            loops = sch.get_loops(info.block_rv)
+            if not kinds.endswith("R") or kinds.count("R") != 1 or len(loops) != len(kinds):
+                return None
+            extent = _extent(sch, loops[-1])
+            if extent is None or extent % lanes or extent == lanes:
+                return None
+            _, lane = sch.split(loops[-1], factors=[None, lanes])
+            spatial = len(kinds) - 1
+            rf = sch.rfactor(lane, factor_axis=spatial)
+            # rfactor puts the lane axis first in both blocks; the rule wants the row's axes
+            # first, and the lanes innermost (vectorized) under the remaining reduction
+            sch.reorder_block_iter_var(rf, list(range(1, spatial + 1)) + [spatial + 1, 0])
+            sch.reorder_block_iter_var(info.block_rv, list(range(1, spatial + 1)) + [0])
+            partials.append(sch.get(rf).name_hint)
+        result = dl.cpu.Reduction().apply(sch.mod["main"], target, False)
+        if not isinstance(result, s_tir.Schedule):
+            return None
+        for name in partials:
+            result.vectorize(result.get_loops(result.get_sblock(name))[-1])
+        return result
+
+
 class InjectiveRule(_SafeRule):
     """Element-wise/gather functions: parallel outer axes, vectorized inner axis."""
 
@@ -248,7 +290,7 @@ def schedule_pass(target: Target):
     ``kiln.rules`` for :func:`serial_twins_pass`)."""
     import tvm
 
-    rules = dl.ApplyDefaultSchedule(MatmulRule(), dl.cpu.Reduction(), InjectiveRule())
+    rules = dl.ApplyDefaultSchedule(MatmulRule(), RowReductionRule(), dl.cpu.Reduction(), InjectiveRule())
 
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUSchedule")
     def _schedule(mod, _ctx):
