@@ -222,12 +222,13 @@ class InjectiveRule(_SafeRule):
         return sch
 
 
-# Loop iterations (a vectorized loop counts once) below which a scheduled kernel's parallel
-# loop runs on the calling thread: waking the pool costs about 2 us, what a few thousand
-# iterations take.  A decode step's element-wise kernels and RMSNorms (one row each per sequence)
-# are about 150 calls; run on one thread, one sequence decoded 1.1x as fast, 8 at once 1.03x,
-# while prefill, their own work long enough, ran 7% slower that way.
-SERIAL_ITERATIONS = 8192
+# Loop iterations (a vectorized loop counts once) up to which a scheduled kernel's parallel loop
+# runs on the calling thread: waking the pool costs about 2 us.  A decode step's element-wise
+# kernels and RMSNorms (one row per sequence: SmolLM2's RMSNorm is 233 iterations, SwiGLU 96)
+# are about 150 calls; with one sequence on one thread SmolLM2 decoded 1.15x as fast.  Up to
+# 8192 (8 sequences and a prefill's casts serial too) measured the same at 8 sequences and 3%
+# slower prefill than 256.
+SERIAL_ITERATIONS = 256
 
 
 def _iterations(stmt) -> int | None:
