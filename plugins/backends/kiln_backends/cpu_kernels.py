@@ -404,7 +404,8 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     def ahead(buf, n, col):
         """A hint to fetch column ``col`` of row ``n + PREFETCH_ROWS`` of ``buf`` (the last row
         past the end) into L2.  Into L1 (``prefetcht0``) a lone row of 1536 columns streamed
-        from memory ran 1.4x slower: the hints held the L1's few outstanding misses."""
+        from memory ran 1.4x slower (our reading: the hints took the L1's few miss buffers from
+        the row's own loads)."""
         return T.call_intrin("", "tirx.prefetch", T.address_of(
             buf[T.min(n + PREFETCH_ROWS, n_rows - 1), col]), 0, 2, 1)
 

@@ -271,7 +271,7 @@ def _serial_twins(stmt, limit: int):
 
 
 def serial_when_small(func: tirx.PrimFunc, limit: int = SERIAL_ITERATIONS) -> tirx.PrimFunc:
-    """``func`` whose parallel loops run serially when their whole work is below ``limit``
+    """``func`` whose parallel loops run serially when their whole work is at most ``limit``
     iterations (:func:`_iterations`): both loops share their body, so the module needs
     ``ConvertSSA`` after.  Functions of another form come back unchanged."""
     realize = func.body
