@@ -240,18 +240,25 @@ def test_float_matmul_rule_matches_numpy(m, n, k):
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(3, 576), (5, 37)])
-def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
-    """RMSNorm (row-reduction rule, or dlight's reduction rule where the vector lanes do not
-    divide the row) and a fused split + SiLU + multiply (injective rule)."""
-    rng = np.random.default_rng(4)
-    rows, dim = shape
+def silu_and_rms_norm(rows, dim):
+    """TE inputs ``A`` [rows, 2 dim] and ``G`` [dim], a fused split + SiLU + multiply of ``A``
+    (the injective rule's kind of kernel) and an RMSNorm of its first half (the reduction rules')."""
     A = te.placeholder((rows, 2 * dim), "float32")
     G = te.placeholder((dim,), "float32")
     silu = te.compute((rows, dim), lambda i, j: A[i, j] / (1 + te.exp(-A[i, j])) * A[i, dim + j], name="silu_mul")
     k = te.reduce_axis((0, dim), name="k")
     sq = te.compute((rows,), lambda i: te.sum(A[i, k] * A[i, k], axis=k), name="sq")
     norm = te.compute((rows, dim), lambda i, j: A[i, j] * te.rsqrt(sq[i] / dim + 1e-5) * G[j], name="norm")
+    return A, G, silu, norm
+
+
+@pytest.mark.parametrize("shape", [(3, 576), (5, 37)])
+def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
+    """RMSNorm (row-reduction rule, or dlight's reduction rule where the vector lanes do not
+    divide the row) and a fused split + SiLU + multiply (injective rule)."""
+    rng = np.random.default_rng(4)
+    rows, dim = shape
+    A, G, silu, norm = silu_and_rms_norm(rows, dim)
     a = rng.standard_normal((rows, 2 * dim)).astype(np.float32)
     g = rng.standard_normal(dim).astype(np.float32)
     for outs, inputs in (([A, silu], [a]), ([A, G, norm], [a, g])):
@@ -274,12 +281,7 @@ def test_small_kernels_run_serially_and_large_ones_in_parallel_with_the_same_res
     rng = np.random.default_rng(7)
     dim = 576
     rows = te.var("rows", "int64")
-    A = te.placeholder((rows, 2 * dim), "float32")
-    G = te.placeholder((dim,), "float32")
-    silu = te.compute((rows, dim), lambda i, j: A[i, j] / (1 + te.exp(-A[i, j])) * A[i, dim + j], name="silu_mul")
-    k = te.reduce_axis((0, dim), name="k")
-    sq = te.compute((rows,), lambda i: te.sum(A[i, k] * A[i, k], axis=k), name="sq")
-    norm = te.compute((rows, dim), lambda i, j: A[i, j] * te.rsqrt(sq[i] / dim + 1e-5) * G[j], name="norm")
+    A, G, silu, norm = silu_and_rms_norm(rows, dim)
     for outs, with_g in (([A, silu], False), ([A, G, norm], True)):
         plain = tvm.IRModule({"main": te.create_prim_func(outs)})
         with TARGET:
