@@ -119,6 +119,28 @@ def test_quantized_projection_matches_numpy(n, k, bits, asym, prefill, lanes, ac
         assert np.abs(y - exact).max() <= (1e-4 if activations == "int16" else 2e-2) * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("n,lanes", [(2, 4), (4, 16), (8, 8), (8, 16), (16, 16)])
+def test_lane_sums_add_each_vector_across_its_lanes(n, lanes):
+    """The projections' tree of shuffles that sums a tile's accumulators across lanes at once:
+    lane i is vector i's sum, added in the order a single horizontal sum adds it (halves first),
+    so the result is bit for bit that of the per-vector sums."""
+    from tvm.script import tirx as T
+
+    plan = ck._lane_sums_plan(n, lanes)
+
+    @T.prim_func(private=True)
+    def sums(x: T.Buffer((n, lanes), "float32"), y: T.Buffer((n,), "float32")):
+        y[T.Ramp(0, 1, n)] = ck._lane_sums([x[i, T.Ramp(0, 1, lanes)] for i in range(n)], plan)
+
+    x = np.random.default_rng(n * lanes).standard_normal((n, lanes)).astype(np.float32)
+    (got,) = run(build(sums), [x], [((n,), "float32")])
+    want = x.copy()
+    width = lanes
+    while width > 1:  # halves first, as the per-vector sum adds them
+        width //= 2
+        want = want[:, :width] + want[:, width:2 * width]
+    assert np.array_equal(got, want[:, 0])
+
 @pytest.mark.parametrize("k", [576, 4288])  # whole rows; rows in chunks for the larger tiles
 @pytest.mark.parametrize("int8", [False, True], ids=["int16", "int8"])
 def test_quantized_projection_does_not_depend_on_the_batch(k, int8):
