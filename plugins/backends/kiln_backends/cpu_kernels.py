@@ -181,6 +181,12 @@ def _transposed(vectors, plan, word_at):
     return [vectors[word_at.index(v)] for v in range(len(vectors))]
 
 
+def _l2_hint(ref):
+    """A hint to fetch the cache line holding buffer element ``ref`` into L2 (``prefetcht1``):
+    both the projections' weight rows and attention's next pages ran slower hinted into L1."""
+    return T.call_intrin("", "tirx.prefetch", T.address_of(ref), 0, 2, 1)
+
+
 def _lane_sums_plan(n: int, lanes: int):
     """How ``n`` vectors of ``lanes`` lanes (``n`` a power of two, at most ``lanes``) become one
     vector of ``n`` lanes whose lane ``i`` sums vector ``i``'s lanes.  Each stage adds the first
@@ -440,8 +446,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         past the end) into L2.  Into L1 (``prefetcht0``) a lone row of 1536 columns streamed
         from memory ran 1.4x slower (our reading: the hints took the L1's few miss buffers from
         the row's own loads)."""
-        return T.call_intrin("", "tirx.prefetch", T.address_of(
-            buf[T.min(n + PREFETCH_ROWS, n_rows - 1), col]), 0, 2, 1)
+        return _l2_hint(buf[T.min(n + PREFETCH_ROWS, n_rows - 1), col])
 
     def span(start, nl):
         """Index of ``nl`` consecutive lanes (one lane: a scalar index)."""
@@ -471,9 +476,10 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         sup = make_super(n_batch, n_rows_side) if NSB else None
         NA = n_batch * n_rows_side  # one accumulator per output
         # Tiles of 4 outputs or more sum their accumulators' lanes together (batch-8 projections
-        # 1-3.5% faster, 64 rows 2.5-5%); a lone row's pair of outputs ran 7% slower so, and keeps
-        # its own sums.
+        # 1-3.5% faster, 64 rows 2.5-5%); a lone row's pair of outputs ran 7% slower so, and sums
+        # each output on its own (the same order of additions either way).
         SUMS = _lane_sums_plan(NA, L) if 4 <= NA <= L and NA & (NA - 1) == 0 else None
+        EACH = _lane_sums_plan(1, L)
 
         def total(acc, a):
             """Output ``a``'s sum, where the sums across lanes left it."""
@@ -490,17 +496,9 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                     acc[a, span(0, G % L)] = acc[a, span(0, G % L)] + minimum(qs, qm, n + a // n_batch, G // L * L, G % L) * xs[b0 + a % n_batch, span(G // L * L, G % L)]
             if SUMS is not None:  # all the tile's sums across lanes at once: output a in lane a
                 acc[0, T.Ramp(0, 1, NA)] = _lane_sums([acc[a, T.Ramp(0, 1, L)] for a in range(NA)], SUMS)
-            else:
+            else:  # each output's own, in lane 0
                 for a in T.unroll(NA):
-                    if L >= 16:
-                        for l in T.vectorized(8):
-                            acc[a, l] = acc[a, l] + acc[a, l + 8]
-                    if L >= 8:
-                        for l in T.vectorized(4):
-                            acc[a, l] = acc[a, l] + acc[a, l + 4]
-                    for l in T.vectorized(2):
-                        acc[a, l] = acc[a, l] + acc[a, l + 2]
-                    acc[a, 0] = acc[a, 0] + acc[a, 1]
+                    acc[a, 0] = _lane_sums([acc[a, T.Ramp(0, 1, L)]], EACH)
             for a in T.unroll(NA):
                 if batch_first:
                     y[yb0 + a % n_batch, 0, n + a // n_batch] = store(
@@ -1018,7 +1016,7 @@ def _next_page_prefetch(head_dim: int, dtype: str):
     def prefetch(buf, page, hk, t):
         for kv in range(2):
             for c in range(-(-head_dim * elem // 64)):
-                T.evaluate(T.call_intrin("", "tirx.prefetch", T.address_of(buf[page, kv, hk, t, c * 64 // elem]), 0, 2, 1))
+                T.evaluate(_l2_hint(buf[page, kv, hk, t, c * 64 // elem]))
     return prefetch
 
 
