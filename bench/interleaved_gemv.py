@@ -116,12 +116,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
-    import tvm
     import kiln  # noqa: F401 - kiln's defaults before TVM's runtime starts
+
+    import tvm
+    from tvm.target.codegen import llvm_cpu_has_features
+
     from kiln_backends.cpu import host_target
     from kiln_backends.cpu_kernels import quantized_gemv
-
-    from tvm.target.codegen import llvm_cpu_has_features
 
     target = tvm.target.Target(host_target({}))
     if not llvm_cpu_has_features(["avx512vnni"], target):
@@ -135,11 +136,11 @@ def main(argv=None) -> int:
         qw = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint64).astype("uint32")
         qs = (rng.random((n, k // 32)) * 0.01 + 0.001).astype("float16")
         qm = (-rng.random((n, k // 32)) * 0.05).astype("float16")
+        cur = quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", 16, batch_first=True,
+                             vnni=True).with_attr("global_symbol", "main")
+        f_cur = tvm.compile(tvm.IRModule({"main": cur}), target)["main"]  # any batch: its rows are symbolic
         for b in map(int, args.batch.split(",")):
             x = rng.standard_normal((b, k)).astype("float32")
-            cur = quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", 16, batch_first=True,
-                                 vnni=True).with_attr("global_symbol", "main")
-            f_cur = tvm.compile(tvm.IRModule({"main": cur}), target)["main"]
             f_new = tvm.compile(tvm.IRModule({"main": interleaved_gemv(n, k, b)}), target)["main"]
             a_cur = [tvm.runtime.tensor(v, dev) for v in (x.reshape(b, 1, k), qw, qs, qm)]
             y_cur = tvm.runtime.tensor(np.zeros((b, 1, n), "float32"), dev)

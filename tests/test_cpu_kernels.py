@@ -141,6 +141,7 @@ def test_lane_sums_add_each_vector_across_its_lanes(n, lanes):
         want = want[:, :width] + want[:, width:2 * width]
     assert np.array_equal(got, want[:, 0])
 
+
 @pytest.mark.parametrize("k", [576, 4288])  # whole rows; rows in chunks for the larger tiles
 @pytest.mark.parametrize("int8", [False, True], ids=["int16", "int8"])
 def test_quantized_projection_does_not_depend_on_the_batch(k, int8):
