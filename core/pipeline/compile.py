@@ -23,6 +23,7 @@ from .output import staging_dir
 log = logging.getLogger("kiln")
 
 METADATA_FUNC = "_metadata"
+PARAM_LAYOUT_FUNC = "_param_layout"  # optional: lays the loaded parameters out for the kernels
 # chat-config fields that size the compiled model and may be changed at compile time
 SIZE_FIELDS = ("context_window_size", "prefill_chunk_size", "max_batch_size", "sliding_window_size")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DeviceError, MismatchError
-from ..pipeline.compile import METADATA_FUNC
+from ..pipeline.compile import METADATA_FUNC, PARAM_LAYOUT_FUNC
 from ..pipeline.gen_config import read_chat_config
 from ..pipeline.tensor_cache import check_params, param_records, read_index
 
@@ -114,7 +114,7 @@ class LoadedModel:
         self.check_weights(index, self.metadata, self.model_dir)
         check_params(index, self.metadata["params"], str(self.model_dir))
         self.param_names = [p["name"] for p in self.metadata["params"]]
-        self.params = load_params(self.model_dir, self.param_names, self.device)
+        self.params = self.lay_out(load_params(self.model_dir, self.param_names, self.device))
         self.param_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in self.metadata["params"])
         mc = self.metadata["model_config"]
         self.vocab_size = mc["vocab_size"]
@@ -136,6 +136,14 @@ class LoadedModel:
         self._shape = tvm.runtime.ShapeTuple
         self.kv = None
         self.kv_config: KVCacheConfig | None = None
+
+    def lay_out(self, params: list) -> list:
+        """``params`` in the layout the library's kernels read: a backend's compile pipeline may add
+        a function ``_param_layout`` (the CPU backend's interleaved weights) that returns the
+        packed parameters, some re-laid out (same shapes and dtypes); the files stay as written."""
+        if not self.vm.module.implements_function(PARAM_LAYOUT_FUNC):
+            return params
+        return list(self.vm[PARAM_LAYOUT_FUNC](params))
 
     @staticmethod
     def check_config(chat_config: dict, metadata: dict, lib_path) -> None:

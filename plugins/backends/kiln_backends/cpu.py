@@ -19,6 +19,7 @@ def pipeline(target, opts):
     import tvm
     from tvm import relax
 
+    from .cpu_interleaved import interleave_pass, pair_dots
     from .cpu_kernels import replace_kernels, replace_projections
     from .cpu_schedules import schedule_pass, serial_twins_pass
 
@@ -38,6 +39,8 @@ def pipeline(target, opts):
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ]
+        if scheduled and activations == "int16" and int(opts.get("interleave", 1)) and pair_dots(target):
+            passes += [interleave_pass()]
         if scheduled:
             passes += [replace_projections(target, int8=activations == "int8"), schedule_pass(target)]
         passes += [relax.transform.RewriteDataflowReshape()]
@@ -73,6 +76,9 @@ CPU = BackendSpec(
     options={
         "mcpu": BackendOption("", "LLVM CPU name to compile for (default: this machine's, e.g. skylake-avx512)"),
         "schedule": BackendOption(1, "1: kiln's CPU schedules (threads, vectorized kernels); 0: unscheduled TIR"),
+        "interleave": BackendOption(1, "1: projection weights interleaved 16 rows to a vector when loaded, for kernels "
+                                    "that are faster at every batch size (AVX-512 VNNI and int16 activations only); "
+                                    "0: row-major weights and kernels"),
         "activations": BackendOption("int16", "what 4- and 8-bit projections round their activations to, per group "
                                      "of 32: int16, or int8 as llama.cpp does (faster with VNNI; logits move "
                                      "about as far from float32 as llama.cpp's)", choices=("int16", "int8")),

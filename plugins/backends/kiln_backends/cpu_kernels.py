@@ -181,6 +181,14 @@ def _transposed(vectors, plan, word_at):
     return [vectors[word_at.index(v)] for v in range(len(vectors))]
 
 
+def _fold_halves(v, n: int, op, lanes: int):
+    """``op`` of the halves of an ``n``-lane vector, again and again, down to ``lanes`` lanes."""
+    while n > lanes:
+        n //= 2
+        v = op(T.Shuffle([v], list(range(n))), T.Shuffle([v], list(range(n, 2 * n))))
+    return v
+
+
 def _l2_hint(ref):
     """A hint to fetch the cache line holding buffer element ``ref`` into L2 (``prefetcht1``):
     both the projections' weight rows and attention's next pages ran slower hinted into L1."""
@@ -629,12 +637,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         return v if x_dtype == "float32" else T.Cast(f"float32x{n}", v)
 
     def fold(v, op):
-        """``op`` of the halves of a group-wide vector, down to ``VR`` lanes."""
-        n = group
-        while n > VR:
-            n //= 2
-            v = op(T.Shuffle([v], list(range(n))), T.Shuffle([v], list(range(n, 2 * n))))
-        return v
+        return _fold_halves(v, group, op, VR)
 
     @T.macro
     def relayout(x, xq, xs, xd, b, row):
@@ -803,12 +806,17 @@ def _fused_epilogue(blocks, product):
     return epilogue, (steps[-1][0] if steps else product)
 
 
-def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: bool = False, vnni: bool = False):
+def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: bool = False, vnni: bool = False,
+              interleaved: bool = False):
     """The hand-written kernel for a ``q_matmul`` PrimFunc (decode ``[B, 1, K]`` or prefill
     ``[1, B, K]`` activations, ``B`` symbolic), with any element-wise blocks fused after it
     (``FuseOps``: a cast, a residual add) as the kernel's epilogue, or ``None``.  With ``build``
-    false, only whether it would be replaced (``True`` or ``None``).  ``int8`` and ``vnni`` as for
-    :func:`quantized_gemv`."""
+    false, only whether it would be replaced: ``None``, or the positions of the weight's tensors
+    among the function's parameters (``{"qw": i, "qs": j[, "qm": l]}``).  ``int8`` and ``vnni`` as
+    for :func:`quantized_gemv`; ``interleaved``: the kernel over interleaved weights
+    (:func:`kiln_backends.cpu_interleaved.interleaved_gemv`) instead."""
+    from .cpu_interleaved import interleaved_gemv, interleaved_takes
+
     from tvm import s_tir
 
     try:
@@ -838,13 +846,21 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     if None in (k, n_rows, words, groups) or (d0 is None) == (d1 is None) or (d0 or d1) != 1:
         return None  # static rows (the logits of a prefill) or another layout: the schedule rules handle it
     bits = 32 * words // k
-    if bits not in (2, 4, 8) or k % groups or not _gemv_takes(n_rows, k, bits, k // groups, lanes):
+    takes = interleaved_takes(n_rows, k, bits, k // groups) if interleaved else _gemv_takes(
+        n_rows, k, bits, k // groups, lanes)
+    if bits not in (2, 4, 8) or k % groups or not takes:
         return None
     if not build:
-        return True
+        return {role: next(i for i, p in enumerate(params) if p.same_as(b))
+                for role, b in (("qw", qw), ("qs", qs), ("qm", qm)) if b is not None}
     try:
-        kernel = quantized_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
-                                str(out.dtype), lanes, batch_first=d1 == 1, epilogue=epilogue, int8=int8, vnni=vnni)
+        if interleaved:
+            kernel = interleaved_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
+                                      str(out.dtype), batch_first=d1 == 1, epilogue=epilogue)
+        else:
+            kernel = quantized_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
+                                    str(out.dtype), lanes, batch_first=d1 == 1, epilogue=epilogue, int8=int8,
+                                    vnni=vnni)
     except ValueError:
         return None
     # the kernel's parameters in the fused function's order; the epilogue's other inputs (a
@@ -895,7 +911,8 @@ def replace_projections(target: tvm.target.Target, int8: bool = False):
         log.warning("activations=int8 without byte dot products (VNNI) on %s: the same results, no faster than int16",
                     target.attrs.get("mcpu", target.kind.name))
     return _replacing_pass("KilnReplaceProjections", lambda gv, func: _gemv_for(
-        func, lanes, int8=int8, vnni=vnni) if "q_matmul" in gv.name_hint else None)
+        func, lanes, int8=int8, vnni=vnni)
+        if "q_matmul" in gv.name_hint and not (func.attrs or {}).get("kiln.interleaved") else None)
 
 
 def replace_kernels(target: tvm.target.Target):
@@ -916,7 +933,8 @@ def replace_kernels(target: tvm.target.Target):
         if gv.name_hint.startswith("q_matmul"):
             # replaced after fusion (replace_projections), with the element-wise ops FuseOps puts
             # after it (kOutEWiseFusable: consumers only) as the kernel's epilogue
-            return func.with_attr("op_pattern", 4) if _gemv_for(func, lanes, build=False) else None
+            takes = _gemv_for(func, lanes, build=False) or _gemv_for(func, lanes, build=False, interleaved=True)
+            return func.with_attr("op_pattern", 4) if takes else None
         if "kiln.rope" in attrs:
             return _rope_for(func)
         kernel = by_symbol.get(str(attrs.get("global_symbol", "")))

@@ -1,0 +1,466 @@
+"""Projections over weights interleaved 16 rows to a vector (AVX-512 VNNI, int16 activations).
+
+kiln's row-major projection kernel (:func:`kiln_backends.cpu_kernels.quantized_gemv`) reads each
+weight row's words in order, so an int32 lane sums one word and the lanes of a vector must be
+transposed and summed across before a row's result is whole: at 8 sequences that kept it at
+about half of what ``vpdpwssd`` can multiply.  Here the weights of 16 consecutive rows are
+stored side by side instead, ``[N / 16, W, 16]`` (word ``w`` of rows ``16 i .. 16 i + 15`` in one
+vector; scales and minima ``[N / 16, G, 16]``), so lane ``r`` of every vector is row ``r``:
+
+* each word of codes gives ``32 / bits / 2`` vectors of code pairs ``(c_s, c_{s + S})``, one in
+  each half word (a shift and a mask), and each pair meets the matching pair of the row's int16
+  activations, broadcast from memory, in one ``vpdpwssd``: per 16 rows, group and sequence, 16
+  dot-product instructions (4-bit codes, groups of 32), then one convert and two multiply-adds;
+  no transposes, no tail blocks, no sums across lanes;
+* each unpacked code vector serves a tile of up to 8 sequences (8 int32 and 8 float
+  accumulators in registers); the rest of a batch runs in tiles of 4, 2 and 1;
+* activations are rounded per group as the row-major kernel rounds them (``max|x| / 32767``
+  steps), and stored as int32 pairs in the order the codes come out of a word;
+* each output is one lane, accumulated group after group in the same order at any batch size
+  and in any tile, so a sequence's logits do not depend on what it is batched with.
+
+The layout is made when a model is loaded: the compile pipeline (:func:`interleave_pass`) finds
+the parameters that only these kernels read, swaps the kernels in, and adds a function
+``_param_layout`` that re-lays out those parameters (same shapes and dtypes, so every other
+function keeps its signature); :class:`kiln.runtime.model.LoadedModel` calls it after loading the
+weights.  The files on disk stay as MLC-LLM writes them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm.script import tirx as T
+
+from kiln.pipeline.compile import PARAM_LAYOUT_FUNC as LAYOUT_FUNC
+
+from .cpu_kernels import (CHUNK_ROWS, INT16_STEPS, PARALLEL_RELAYOUT, RELAYOUT_LANES, _fold_halves, _gemv_for,
+                          _l2_hint, _well_formed)
+
+log = logging.getLogger("kiln")
+
+ROWS = 16  # weight rows side by side in one vector (int32 lanes of a 512-bit register)
+TILE = 8  # sequences sharing each unpacked code vector (8 int32 + 8 float accumulators)
+PAIR_DOT = "llvm.x86.avx512.vpdpwssd.512"
+PREFETCH_BLOCKS = 2  # how many blocks of 16 rows ahead the weights are hinted into L2 (a step streams them from DRAM)
+
+
+def interleaved_takes(n_rows: int, k: int, bits: int, group: int) -> bool:
+    """Whether :func:`interleaved_gemv` takes this shape: whole blocks of 16 rows, whole groups
+    of whole words, groups that fold in halves to the relayout's lanes, and per-group integer
+    sums that cannot overflow int32."""
+    per_word = 32 // bits
+    folds = group // RELAYOUT_LANES if group % RELAYOUT_LANES == 0 else 0
+    return (bits in (2, 4, 8) and n_rows % ROWS == 0 and k % group == 0 and group % per_word == 0
+            and folds > 0 and folds & (folds - 1) == 0 and group * ((1 << bits) - 1) * INT16_STEPS < 2**31)
+
+
+def interleave(a):
+    """``[N, C]`` row-major -> the interleaved layout, same shape: element ``(r, c)`` moves to flat
+    position ``((r // 16) * C + c) * 16 + r % 16`` (numpy; for tests and tools)."""
+    import numpy as np
+
+    n, c = a.shape
+    return np.ascontiguousarray(a.reshape(n // ROWS, ROWS, c).transpose(0, 2, 1)).reshape(n, c)
+
+
+def interleave_kernel(n: int, c: int, dtype: str):
+    """A PrimFunc ``(src [N, C], dst [N, C])`` writing ``src`` in the interleaved layout."""
+
+    @T.prim_func(s_tir=True, private=True)
+    def relayout(src: T.Buffer((n, c), dtype), dst: T.Buffer((n, c), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        with T.sblock("root"):
+            view = T.decl_buffer((n // ROWS, c, ROWS), dtype, data=dst.data)
+            for rb in T.parallel(n // ROWS):
+                for j, r in T.grid(c, ROWS):
+                    view[rb, j, r] = src[rb * ROWS + r, j]
+
+    return relayout
+
+
+def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str, has_min: bool,
+                     x_dtype: str, out_dtype: str, batch_first: bool, epilogue=None):
+    """A PrimFunc ``(x, q_weight, q_scale[, q_min], out)`` computing ``out = x @ dequant(W).T`` with
+    the weights in the interleaved layout (:func:`interleave`), arguments and epilogue as for
+    :func:`kiln_backends.cpu_kernels.quantized_gemv` (int16 activations; AVX-512 VNNI)."""
+    if not interleaved_takes(n_rows, k, bits, group):
+        raise ValueError("shape not supported by the interleaved GEMV")
+    P = 32 // bits  # codes per word
+    S = P // 2  # code pairs per word: (c_s, c_{s+S}), one code in each half word
+    W, G, WG, RB = k // P, k // group, group // P, n_rows // ROWS
+    MASK = (1 << bits) - 1
+    PAIR_MASK = MASK | (MASK << 16)
+    OFF = float((1 << (bits - 1)) - 1)
+    HALF = group // 2  # int32 pairs of activations per group
+    MC, VR = CHUNK_ROWS, RELAYOUT_LANES
+    # activation j of a group's pair p = w * S + s: (w * P + s, w * P + s + S)
+    LO = [w * P + s for w in range(WG) for s in range(S)]
+    HI = [i + S for i in LO]
+
+    def store(value, index):
+        return epilogue(value, index) if epilogue is not None else T.Cast(out_dtype, value)
+
+    def x_vec(x, row, start, n):
+        v = x[row, 0, T.Ramp(start, 1, n)] if batch_first else x[0, row, T.Ramp(start, 1, n)]
+        return v if x_dtype == "float32" else T.Cast(f"float32x{n}", v)
+
+    def vec(n):
+        return T.Ramp(0, 1, n)
+
+    @T.macro
+    def relayout(x, xq, xs, xd, b, row):
+        """Round activation row ``row`` per group into int16 pairs ``xq[b]``, with each group's step
+        ``xd[b, g]`` and its rounded sum times the step ``xs[b, g]`` (for the minima)."""
+        with T.sblock("relayout"):
+            st = T.sblock_alloc_buffer((2,), "float32")  # the group's largest magnitude, 1 / step
+            part = T.sblock_alloc_buffer((2, VR), "float32")
+            rounded = T.sblock_alloc_buffer((group,), "float32")
+            for g in T.serial(G):
+                part[0, vec(VR)] = _fold_halves(T.fabs(x_vec(x, row, g * group, group)), group, T.max, VR)
+                st[0] = T.float32(0)
+                for i in T.serial(VR):
+                    st[0] = T.max(st[0], part[0, i])
+                st[1] = T.Select(st[0] > T.float32(0), T.float32(INT16_STEPS) / st[0], T.float32(0))
+                rounded[vec(group)] = T.round(x_vec(x, row, g * group, group) * T.Broadcast(st[1], group))
+                part[1, vec(VR)] = _fold_halves(rounded[vec(group)], group, lambda a, c: a + c, VR)
+                xd[b, g] = st[0] * T.float32(1.0 / INT16_STEPS)
+                xs[b, g] = T.float32(0)
+                for i in T.serial(VR):
+                    xs[b, g] = xs[b, g] + part[1, i]
+                xs[b, g] = xs[b, g] * xd[b, g]
+                xq[b, T.Ramp(g * HALF, 1, HALF)] = T.bitwise_or(
+                    T.bitwise_and(T.Cast(f"int32x{HALF}", T.Shuffle([rounded[vec(group)]], LO)),
+                                  T.Broadcast(T.int32(0xFFFF), HALF)),
+                    T.shift_left(T.Cast(f"int32x{HALF}", T.Shuffle([rounded[vec(group)]], HI)),
+                                 T.Broadcast(T.int32(16), HALF)))
+
+    def make_tile(nb: int):
+        @T.macro
+        def tile(qw, qs, qm, y, xq, xs, xd, acc, isum, rb, b0, y0):
+            """Rows ``16 rb ..`` of activation rows ``b0 .. b0 + nb`` of the chunk (``y0 ..`` of ``y``)."""
+            for a in T.unroll(nb):
+                acc[a, vec(ROWS)] = T.Broadcast(T.float32(0), ROWS)
+            for g in T.serial(G):
+                for a in T.unroll(nb):
+                    isum[a, vec(ROWS)] = T.Broadcast(T.int32(0), ROWS)
+                for w in T.unroll(WG):  # each word of 16 rows is one cache line
+                    T.evaluate(_l2_hint(qw[T.min(rb + PREFETCH_BLOCKS, RB - 1), g * WG + w, 0]))
+                T.evaluate(_l2_hint(qs[T.min(rb + PREFETCH_BLOCKS, RB - 1), g, 0]))
+                if has_min:
+                    T.evaluate(_l2_hint(qm[T.min(rb + PREFETCH_BLOCKS, RB - 1), g, 0]))
+                for w in T.unroll(WG):
+                    for s in T.unroll(S):
+                        for a in T.unroll(nb):
+                            isum[a, vec(ROWS)] = T.call_llvm_pure_intrin(
+                                f"int32x{ROWS}", PAIR_DOT, isum[a, vec(ROWS)],
+                                T.reinterpret(f"int16x{2 * ROWS}", T.bitwise_and(
+                                    T.shift_right(qw[rb, g * WG + w, vec(ROWS)], T.Broadcast(T.uint32(bits * s), ROWS)),
+                                    T.Broadcast(T.uint32(PAIR_MASK), ROWS))),
+                                T.reinterpret(f"int16x{2 * ROWS}", T.Broadcast(xq[b0 + a, (g * WG + w) * S + s], ROWS)))
+                for a in T.unroll(nb):
+                    if has_min:
+                        acc[a, vec(ROWS)] = (acc[a, vec(ROWS)] + T.Cast(f"float32x{ROWS}", isum[a, vec(ROWS)])
+                                             * (T.Cast(f"float32x{ROWS}", qs[rb, g, vec(ROWS)]) * T.Broadcast(xd[b0 + a, g], ROWS))
+                                             + T.Cast(f"float32x{ROWS}", qm[rb, g, vec(ROWS)]) * T.Broadcast(xs[b0 + a, g], ROWS))
+                    else:  # symmetric codes: the minimum is -OFF * scale
+                        acc[a, vec(ROWS)] = acc[a, vec(ROWS)] + T.Cast(f"float32x{ROWS}", qs[rb, g, vec(ROWS)]) * (
+                            T.Cast(f"float32x{ROWS}", isum[a, vec(ROWS)]) * T.Broadcast(xd[b0 + a, g], ROWS)
+                            - T.Broadcast(xs[b0 + a, g] * T.float32(OFF), ROWS))
+            for a in T.unroll(nb):
+                for r in T.unroll(ROWS):
+                    if batch_first:
+                        y[y0 + a, 0, rb * ROWS + r] = store(acc[a, r], (y0 + a, T.int64(0), rb * ROWS + r))
+                    else:
+                        y[0, y0 + a, rb * ROWS + r] = store(acc[a, r], (T.int64(0), y0 + a, rb * ROWS + r))
+
+        return tile
+
+    tiles = {n: make_tile(n) for n in (TILE, 4, 2, 1)}
+    t8, t4, t2, t1 = tiles[TILE], tiles[4], tiles[2], tiles[1]
+
+    @T.macro
+    def body(x, qw_flat, qs_flat, qm_flat, y, B):
+        with T.sblock("root"):
+            qw = T.decl_buffer((RB, W, ROWS), "uint32", data=qw_flat.data)
+            qs = T.decl_buffer((RB, G, ROWS), scale_dtype, data=qs_flat.data)
+            qm = T.decl_buffer((RB, G, ROWS), scale_dtype, data=qm_flat.data)  # qs again without minima
+            xq = T.sblock_alloc_buffer((T.min(B, MC), k // 2), "int32")
+            xs = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
+            xd = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
+            for mc in T.serial((B + MC - 1) // MC):
+                nb: T.let[T.int64] = T.min(B - mc * MC, MC)
+                if nb >= PARALLEL_RELAYOUT:
+                    for b in T.parallel(nb):
+                        relayout(x, xq, xs, xd, b, mc * MC + b)
+                else:
+                    for b in T.serial(nb):
+                        relayout(x, xq, xs, xd, b, mc * MC + b)
+                for rb in T.parallel(RB):
+                    with T.sblock("rows"):
+                        acc = T.sblock_alloc_buffer((TILE, ROWS), "float32")
+                        isum = T.sblock_alloc_buffer((TILE, ROWS), "int32")
+                        for t in T.serial(nb // TILE):
+                            t8(qw, qs, qm, y, xq, xs, xd, acc, isum, rb, t * TILE, mc * MC + t * TILE)
+                        if nb % TILE >= 4:
+                            t4(qw, qs, qm, y, xq, xs, xd, acc, isum, rb, nb // TILE * TILE, mc * MC + nb // TILE * TILE)
+                        if nb % 4 >= 2:
+                            t2(qw, qs, qm, y, xq, xs, xd, acc, isum, rb, nb // 4 * 4, mc * MC + nb // 4 * 4)
+                        if nb % 2 == 1:
+                            t1(qw, qs, qm, y, xq, xs, xd, acc, isum, rb, nb - 1, mc * MC + nb - 1)
+
+    if has_min:
+        @T.prim_func(s_tir=True, private=True, check_well_formed=False)
+        def gemv(var_x: T.handle, qw: T.Buffer((n_rows, W), "uint32"), qs: T.Buffer((n_rows, G), scale_dtype),
+                 qm: T.Buffer((n_rows, G), scale_dtype), var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "kiln.interleaved": True})
+            B = T.int64()
+            x = T.match_buffer(var_x, (B, 1, k) if batch_first else (1, B, k), x_dtype)
+            y = T.match_buffer(var_y, (B, 1, n_rows) if batch_first else (1, B, n_rows), out_dtype)
+            body(x, qw, qs, qm, y, B)
+    else:
+        @T.prim_func(s_tir=True, private=True, check_well_formed=False)
+        def gemv(var_x: T.handle, qw: T.Buffer((n_rows, W), "uint32"), qs: T.Buffer((n_rows, G), scale_dtype),
+                 var_y: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "kiln.interleaved": True})
+            B = T.int64()
+            x = T.match_buffer(var_x, (B, 1, k) if batch_first else (1, B, k), x_dtype)
+            y = T.match_buffer(var_y, (B, 1, n_rows) if batch_first else (1, B, n_rows), out_dtype)
+            body(x, qw, qs, qs, y, B)
+    if epilogue is None and not _well_formed(gemv):
+        raise RuntimeError("kiln's interleaved projection kernel is not well-formed TIR")
+    return gemv
+
+
+def interleaved_take(vocab: int, words: int, groups: int, bits: int, scale_dtype: str, has_min: bool, dim: int,
+                     ids_dtype: str, out_dtype: str):
+    """A PrimFunc ``(ids, q_weight, q_scale[, q_min], out)`` gathering rows ``ids`` (clipped to the
+    table) of a quantized embedding table stored in the interleaved layout: the same values as
+    kiln's ``q_take`` on the row-major table (a tied embedding shares its table with the LM head)."""
+    P = 32 // bits
+    MASK = (1 << bits) - 1
+    OFF = float((1 << (bits - 1)) - 1)
+    group = dim // groups
+
+    def value(qw, qs, qm, row, h):
+        code = T.Cast("float32", T.bitwise_and(
+            T.shift_right(qw[row // ROWS, h // P, row % ROWS], T.Cast("uint32", h % P * bits)), T.uint32(MASK)))
+        scale = T.Cast("float32", qs[row // ROWS, h // group, row % ROWS])
+        if has_min:
+            return code * scale + T.Cast("float32", qm[row // ROWS, h // group, row % ROWS])
+        return (code - T.float32(OFF)) * scale
+
+    @T.macro
+    def body(ids, qw_flat, qs_flat, qm_flat, out, n):
+        with T.sblock("root"):
+            qw = T.decl_buffer((vocab // ROWS, words, ROWS), "uint32", data=qw_flat.data)
+            qs = T.decl_buffer((vocab // ROWS, groups, ROWS), scale_dtype, data=qs_flat.data)
+            qm = T.decl_buffer((vocab // ROWS, groups, ROWS), scale_dtype, data=qm_flat.data)
+            for s in T.serial(n):
+                row: T.let[T.int64] = T.Cast("int64", T.max(T.min(ids[s], T.Cast(ids_dtype, vocab - 1)),
+                                                             T.Cast(ids_dtype, 0)))
+                for h in T.serial(dim):
+                    out[s, h] = T.Cast(out_dtype, value(qw, qs, qm, row, h))
+
+    if has_min:
+        @T.prim_func(s_tir=True, private=True, check_well_formed=False)
+        def take(var_ids: T.handle, qw: T.Buffer((vocab, words), "uint32"), qs: T.Buffer((vocab, groups), scale_dtype),
+                 qm: T.Buffer((vocab, groups), scale_dtype), var_out: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "kiln.interleaved": True})
+            n = T.int64()
+            ids = T.match_buffer(var_ids, (n,), ids_dtype)
+            out = T.match_buffer(var_out, (n, dim), out_dtype)
+            body(ids, qw, qs, qm, out, n)
+    else:
+        @T.prim_func(s_tir=True, private=True, check_well_formed=False)
+        def take(var_ids: T.handle, qw: T.Buffer((vocab, words), "uint32"), qs: T.Buffer((vocab, groups), scale_dtype),
+                 var_out: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "kiln.interleaved": True})
+            n = T.int64()
+            ids = T.match_buffer(var_ids, (n,), ids_dtype)
+            out = T.match_buffer(var_out, (n, dim), out_dtype)
+            body(ids, qw, qs, qs, out, n)
+    if not _well_formed(take):
+        raise RuntimeError("kiln's interleaved embedding gather is not well-formed TIR")
+    return take
+
+
+def _take_for(func: tvm.tirx.PrimFunc, build: bool = True):
+    """For kiln's ``q_take`` PrimFunc (``(ids, q_weight, q_scale[, q_min], out)``, one ``q_take``
+    block): the gather over the interleaved table, or with ``build`` false the weight's positions
+    among the parameters; ``None`` for anything else."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    except Exception:  # noqa: BLE001 - not the block structure kiln's layers emit
+        return None
+    bufs = list(func.params)  # PrimFunc parameters are buffers in this TVM
+    if len(blocks) != 1 or blocks[0].name_hint != "q_take" or len(bufs) not in (4, 5):
+        return None
+    ids, qw, qs, *rest = bufs
+    out, qm = rest[-1], (rest[0] if len(rest) == 2 else None)
+    static = [d for b in (qw, qs) for d in b.shape] + [out.shape[1]]
+    if (len(ids.shape) != 1 or len(out.shape) != 2 or qw.dtype != "uint32" or len(qw.shape) != 2
+            or not all(isinstance(d, tvm.tirx.IntImm) for d in static)):
+        return None
+    vocab, words, groups, dim = int(qw.shape[0]), int(qw.shape[1]), int(qs.shape[1]), int(out.shape[1])
+    bits = 32 * words // dim if dim else 0
+    if bits not in (2, 4, 8) or vocab % ROWS or dim % groups or 32 * words != bits * dim:
+        return None
+    if not build:
+        return {"qw": 1, "qs": 2, **({"qm": 3} if qm is not None else {})}
+    return interleaved_take(vocab, words, groups, bits, str(qs.dtype), qm is not None, dim, str(ids.dtype),
+                            str(out.dtype))
+
+
+def _param_uses(func, params_index):
+    """For one Relax function: ``(uses, pinned, calls)``.  ``uses[i]``: ``(kernel, position)`` for
+    each ``call_tir`` argument that is parameter ``i`` of the packed parameters; ``pinned``: the
+    parameters used any other way; ``calls``: ``(kernel, [parameter index or None per argument])``.
+    ``params_index(var)`` is the parameter a bound variable stands for, or ``None``."""
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    uses, pinned, calls = {}, set(), []
+    bound = {}
+
+    def pin_vars(expr):
+        def visit(e):
+            if isinstance(e, relax.Var) and e in bound:
+                pinned.add(bound[e])
+        relax.analysis.post_order_visit(expr, visit)
+
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            index = params_index(value)
+            if index is not None:
+                bound[binding.var] = index
+                continue
+            if (isinstance(value, relax.Call) and value.op.same_as(call_tir)
+                    and isinstance(value.args[0], tvm.ir.GlobalVar) and isinstance(value.args[1], relax.Tuple)):
+                gv, args = value.args[0], list(value.args[1].fields)
+                indices = [bound.get(a) if isinstance(a, relax.Var) else None for a in args]
+                for pos, (a, i) in enumerate(zip(args, indices)):
+                    if i is not None:
+                        uses.setdefault(i, set()).add((gv, pos))
+                    else:
+                        pin_vars(a)
+                calls.append((gv, indices))
+                for extra in value.args[2:]:
+                    pin_vars(extra)
+            else:
+                pin_vars(value)
+    pin_vars(func.body.body)
+    return uses, pinned, calls
+
+
+def _same_type(a, b) -> bool:
+    try:
+        tvm.ir.assert_structural_equal(a, b)
+    except ValueError:
+        return False
+    return True
+
+
+def interleave_pass():
+    """Module pass, after ``FuseTIR`` and before :func:`kiln_backends.cpu_kernels.replace_projections`:
+    the kernels over interleaved weights for every projection (and quantized embedding gather)
+    whose weights no other kernel reads, and the function ``LAYOUT_FUNC`` that lays those weights
+    out at load.  Weights read by anything else stay row-major, for the row-major kernels."""
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnInterleaveWeights")
+    def _pass(mod, _ctx):
+        kernels = {}  # GlobalVar -> positions of the weight's tensors
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs or {}).get("tirx.is_scheduled"):
+                continue
+            roles = (_gemv_for(func, ROWS, build=False, interleaved=True) if "q_matmul" in gv.name_hint
+                     else _take_for(func, build=False) if gv.name_hint.startswith("q_take") else None)
+            if roles:
+                kernels[gv] = set(roles.values())
+        packed = None  # the packed parameters' struct info, the same in every function
+        uses, pinned, calls = {}, set(), []
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or not func.params:
+                continue
+            last = func.params[-1]
+            if not isinstance(last.ty, relax.TupleType) or gv.name_hint == LAYOUT_FUNC:
+                continue
+            if packed is None:
+                packed = last.ty
+            elif not _same_type(packed, last.ty):
+                log.info("interleaved weights: functions take different parameters; all stay row-major")
+                return mod
+
+            def params_index(value, last=last):
+                if isinstance(value, relax.TupleGetItem) and value.tuple_value.same_as(last):
+                    return int(value.index)
+                return None
+
+            u, p, c = _param_uses(func, params_index)
+            for i, s in u.items():
+                uses.setdefault(i, set()).update(s)
+            pinned |= p
+            calls += c
+        if packed is None:
+            return mod
+        chosen = {i for i, s in uses.items() if i not in pinned and all(gv in kernels and pos in kernels[gv]
+                                                                         for gv, pos in s)}
+        sites = {}
+        for gv, indices in calls:
+            sites.setdefault(gv, []).append(indices)
+        while True:  # a kernel takes interleaved weights only where every call passes chosen ones
+            taken = {gv for gv in kernels if gv in sites and all(
+                indices[pos] in chosen for indices in sites[gv] for pos in kernels[gv])}
+            still = {i for i in chosen if all(gv in taken for gv, _ in uses[i])}
+            if still == chosen:
+                break
+            chosen = still
+        if not chosen:
+            return mod
+        mod = mod.clone()
+        for gv in taken:
+            func = mod[gv]
+            kernel = (_gemv_for(func, ROWS, interleaved=True) if "q_matmul" in gv.name_hint else _take_for(func))
+            if kernel is None:  # cannot happen for a kernel that passed the analysis: keep the layout row-major
+                raise RuntimeError(f"interleaved weights: no kernel for {gv.name_hint}")
+            symbol = (func.attrs or {}).get("global_symbol")
+            mod[gv] = kernel.with_attr("global_symbol", symbol) if symbol else kernel
+        bb = relax.BlockBuilder(mod)
+        params = relax.Var("packed_params", packed)
+        relayouts = {}
+        with bb.function(LAYOUT_FUNC, [params]):
+            with bb.dataflow():
+                fields = []
+                for i, info in enumerate(packed.fields):
+                    item = bb.emit(relax.TupleGetItem(params, i))
+                    if i in chosen:
+                        shape, dtype = tuple(int(d) for d in info.shape.values), str(info.dtype)
+                        if (shape, dtype) not in relayouts:
+                            relayouts[shape, dtype] = bb.add_func(interleave_kernel(*shape, dtype),
+                                                                  f"interleave_{shape[0]}x{shape[1]}_{dtype}")
+                        item = bb.emit(relax.call_tir(relayouts[shape, dtype], [item], out_ty=info))
+                    fields.append(item)
+                out = bb.emit_output(relax.Tuple(fields))
+            bb.emit_func_output(out)
+        log.debug("interleaved weights: %d parameters, kernels %s", len(chosen),
+                  ", ".join(sorted(gv.name_hint for gv in taken)))
+        return bb.get()
+
+    return _pass
+
+
+def pair_dots(target: tvm.target.Target) -> bool:
+    """Whether the target has ``vpdpwssd`` on 512-bit registers (AVX-512 VNNI), which the
+    interleaved kernels are written for."""
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    try:
+        return bool(llvm_cpu_has_features(["avx512vnni"], target))
+    except Exception:  # noqa: BLE001 - non-x86 targets have other feature names
+        return False
