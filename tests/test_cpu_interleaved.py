@@ -40,17 +40,19 @@ CASES = [  # (N, K, bits, asymmetric)
 
 @pytest.mark.parametrize("n,k,bits,asym", CASES)
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
-def test_interleaved_projection_matches_numpy(n, k, bits, asym, prefill):
+@pytest.mark.parametrize("activations", ["int16", "int8"])
+def test_interleaved_projection_matches_numpy(n, k, bits, asym, prefill, activations):
     rng = np.random.default_rng(n + k + bits)
     qw, qs, qm = random_weights(rng, n, k, bits, asym)
     scaled, offset = dequantize(qw, qs, qm, bits)
-    fn = build(ci.interleaved_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", batch_first=not prefill))
+    fn = build(ci.interleaved_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", batch_first=not prefill,
+                                   int8=activations == "int8"))
     for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 8, 4, 2 and 1 sequences; two chunks of 64
         x = rng.standard_normal((rows, k)).astype(np.float32)
         shape, out_shape = ((1, rows, k), (1, rows, n)) if prefill else ((rows, 1, k), (rows, 1, n))
         (y,) = run(fn, [x.reshape(shape), *interleaved(qw, qs, qm)], [(out_shape, "float32")])
         y = y.reshape(rows, n)
-        xq, step = rounded_activations(x, ACTIVATIONS["int16"])
+        xq, step = rounded_activations(x, ACTIVATIONS[activations])
         emulated = xq @ (scaled + offset).T  # the dequantized weights times the rounded activations
         np.testing.assert_allclose(y, emulated, rtol=1e-5, atol=1e-5 * np.abs(emulated).max())
         exact = x.astype(np.float64) @ (scaled + offset).T  # each activation off by at most half a step
@@ -58,13 +60,14 @@ def test_interleaved_projection_matches_numpy(n, k, bits, asym, prefill):
         assert np.all(np.abs(y - exact) <= bound * 1.01 + 1e-5 * np.abs(exact).max())
 
 
-def test_interleaved_projection_does_not_depend_on_the_batch():
+@pytest.mark.parametrize("int8", [False, True], ids=["int16", "int8"])
+def test_interleaved_projection_does_not_depend_on_the_batch(int8):
     """Each output is one lane accumulated group after group: a row's result is bit for bit the
     same alone and in any batch, so batching does not change what a request generates."""
     rng = np.random.default_rng(1)
     n, k = 64, 576
     qw, qs, qm = random_weights(rng, n, k, 4, True)
-    fn = build(ci.interleaved_gemv(n, k, 4, 32, "float16", True, "float32", "float32", batch_first=False))
+    fn = build(ci.interleaved_gemv(n, k, 4, 32, "float16", True, "float32", "float32", batch_first=False, int8=int8))
     weights = interleaved(qw, qs, qm)
     x = rng.standard_normal((1, 75, k)).astype(np.float32)
     (whole,) = run(fn, [x, *weights], [((1, 75, n), "float32")])
@@ -79,6 +82,7 @@ def test_shapes_the_interleaved_kernel_does_not_take():
     assert not ci.interleaved_takes(40, 576, 4, 32)  # rows not a multiple of 16
     assert not ci.interleaved_takes(64, 576, 4, 24)  # a group that does not fold in halves to 8 lanes
     assert not ci.interleaved_takes(64, 1024, 8, 512)  # a group's int32 sum could overflow
+    assert ci.interleaved_takes(64, 1024, 8, 512, int8=True)  # not with int8 steps
     with pytest.raises(ValueError, match="not supported"):
         ci.interleaved_gemv(40, 576, 4, 32, "float16", True, "float32", "float32", batch_first=True)
 

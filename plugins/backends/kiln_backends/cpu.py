@@ -39,8 +39,8 @@ def pipeline(target, opts):
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ]
-        if scheduled and activations == "int16" and int(opts.get("interleave", 1)) and pair_dots(target):
-            passes += [interleave_pass()]
+        if scheduled and int(opts.get("interleave", 1)) and pair_dots(target):
+            passes += [interleave_pass(int8=activations == "int8")]
         if scheduled:
             passes += [replace_projections(target, int8=activations == "int8"), schedule_pass(target)]
         passes += [relax.transform.RewriteDataflowReshape()]
@@ -77,7 +77,7 @@ CPU = BackendSpec(
         "mcpu": BackendOption("", "LLVM CPU name to compile for (default: this machine's, e.g. skylake-avx512)"),
         "schedule": BackendOption(1, "1: kiln's CPU schedules (threads, vectorized kernels); 0: unscheduled TIR"),
         "interleave": BackendOption(1, "1: projection weights interleaved 16 rows to a vector when loaded, for kernels "
-                                    "that are faster at every batch size (AVX-512 VNNI and int16 activations only); "
+                                    "that are faster at every batch size (CPUs with AVX-512 VNNI); "
                                     "0: row-major weights and kernels"),
         "activations": BackendOption("int16", "what 4- and 8-bit projections round their activations to, per group "
                                      "of 32: int16, or int8 as llama.cpp does (faster with VNNI; logits move "

@@ -35,25 +35,27 @@ from tvm.script import tirx as T
 
 from kiln.pipeline.compile import PARAM_LAYOUT_FUNC as LAYOUT_FUNC
 
-from .cpu_kernels import (CHUNK_ROWS, INT16_STEPS, PARALLEL_RELAYOUT, RELAYOUT_LANES, _fold_halves, _gemv_for,
+from .cpu_kernels import (CHUNK_ROWS, INT8_STEPS, INT16_STEPS, PARALLEL_RELAYOUT, RELAYOUT_LANES, _fold_halves, _gemv_for,
                           _l2_hint, _well_formed)
 
 log = logging.getLogger("kiln")
 
 ROWS = 16  # weight rows side by side in one vector (int32 lanes of a 512-bit register)
 TILE = 8  # sequences sharing each unpacked code vector (8 int32 + 8 float accumulators)
-PAIR_DOT = "llvm.x86.avx512.vpdpwssd.512"
+DOTS = {2: "llvm.x86.avx512.vpdpwssd.512",  # int16 pairs of codes and activations
+        4: "llvm.x86.avx512.vpdpbusd.512"}  # quads of unsigned byte codes and int8 activations
 PREFETCH_BLOCKS = 2  # how many blocks of 16 rows ahead the weights are hinted into L2 (a step streams them from DRAM)
 
 
-def interleaved_takes(n_rows: int, k: int, bits: int, group: int) -> bool:
+def interleaved_takes(n_rows: int, k: int, bits: int, group: int, int8: bool = False) -> bool:
     """Whether :func:`interleaved_gemv` takes this shape: whole blocks of 16 rows, whole groups
     of whole words, groups that fold in halves to the relayout's lanes, and per-group integer
     sums that cannot overflow int32."""
     per_word = 32 // bits
     folds = group // RELAYOUT_LANES if group % RELAYOUT_LANES == 0 else 0
+    steps = INT8_STEPS if int8 else INT16_STEPS
     return (bits in (2, 4, 8) and n_rows % ROWS == 0 and k % group == 0 and group % per_word == 0
-            and folds > 0 and folds & (folds - 1) == 0 and group * ((1 << bits) - 1) * INT16_STEPS < 2**31)
+            and folds > 0 and folds & (folds - 1) == 0 and group * ((1 << bits) - 1) * steps < 2**31)
 
 
 def interleave(a):
@@ -81,23 +83,27 @@ def interleave_kernel(n: int, c: int, dtype: str):
 
 
 def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str, has_min: bool,
-                     x_dtype: str, out_dtype: str, batch_first: bool, epilogue=None):
+                     x_dtype: str, out_dtype: str, batch_first: bool, epilogue=None, int8: bool = False):
     """A PrimFunc ``(x, q_weight, q_scale[, q_min], out)`` computing ``out = x @ dequant(W).T`` with
     the weights in the interleaved layout (:func:`interleave`), arguments and epilogue as for
-    :func:`kiln_backends.cpu_kernels.quantized_gemv` (int16 activations; AVX-512 VNNI)."""
-    if not interleaved_takes(n_rows, k, bits, group):
+    :func:`kiln_backends.cpu_kernels.quantized_gemv` (AVX-512 VNNI).  Activations are rounded to
+    int16 and meet pairs of codes in ``vpdpwssd``, or with ``int8`` to int8 (llama.cpp's steps)
+    and meet quads of codes in ``vpdpbusd``: half the dot products."""
+    if not interleaved_takes(n_rows, k, bits, group, int8):
         raise ValueError("shape not supported by the interleaved GEMV")
     P = 32 // bits  # codes per word
-    S = P // 2  # code pairs per word: (c_s, c_{s+S}), one code in each half word
+    C = 4 if int8 else 2  # codes a dot product takes per int32 lane: a quad of bytes or a pair of half words
+    S = P // C  # such parts per word: part s holds codes (c_s, c_{s+S}, ...), one per byte or half word
     W, G, WG, RB = k // P, k // group, group // P, n_rows // ROWS
     MASK = (1 << bits) - 1
-    PAIR_MASK = MASK | (MASK << 16)
+    PART_MASK = sum(MASK << (32 // C * j) for j in range(C))
     OFF = float((1 << (bits - 1)) - 1)
-    HALF = group // 2  # int32 pairs of activations per group
+    STEPS, XT = (INT8_STEPS, "int8") if int8 else (INT16_STEPS, "int16")
+    PER = group // C  # int32 parts of activations per group
     MC, VR = CHUNK_ROWS, RELAYOUT_LANES
-    # activation j of a group's pair p = w * S + s: (w * P + s, w * P + s + S)
-    LO = [w * P + s for w in range(WG) for s in range(S)]
-    HI = [i + S for i in LO]
+    DOT = DOTS[C]
+    # activation j of a group's part p = w * S + s is activation w * P + s + j * S of the group
+    ORDER = [[w * P + s + j * S for w in range(WG) for s in range(S)] for j in range(C)]
 
     def store(value, index):
         return epilogue(value, index) if epilogue is not None else T.Cast(out_dtype, value)
@@ -108,6 +114,24 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
 
     def vec(n):
         return T.Ramp(0, 1, n)
+
+    def packed(rounded):
+        """A group's rounded activations as int32 parts, each the activations its part of codes
+        meets: ``C`` shuffles, each masked to its byte or half word and shifted into place."""
+        total = None
+        for j in range(C):
+            v = T.bitwise_and(T.Cast(f"int32x{PER}", T.Shuffle([rounded], ORDER[j])),
+                              T.Broadcast(T.int32((1 << (32 // C)) - 1), PER))
+            v = v if j == 0 else T.shift_left(v, T.Broadcast(T.int32(32 // C * j), PER))
+            total = v if total is None else T.bitwise_or(total, v)
+        return total
+
+    def codes(word, s):
+        """Part ``s`` of a vector of words: codes ``s, s + S, ..`` of each, one per byte or half word."""
+        word = T.shift_right(word, T.Broadcast(T.Cast("uint32", bits * s), ROWS))  # s = 0 folds once unrolled
+        if PART_MASK != 0xFFFFFFFF:
+            word = T.bitwise_and(word, T.Broadcast(T.uint32(PART_MASK), ROWS))
+        return T.reinterpret(f"{'int8' if int8 else 'int16'}x{C * ROWS}", word)
 
     @T.macro
     def relayout(x, xq, xs, xd, b, row):
@@ -122,19 +146,15 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
                 st[0] = T.float32(0)
                 for i in T.serial(VR):
                     st[0] = T.max(st[0], part[0, i])
-                st[1] = T.Select(st[0] > T.float32(0), T.float32(INT16_STEPS) / st[0], T.float32(0))
+                st[1] = T.Select(st[0] > T.float32(0), T.float32(STEPS) / st[0], T.float32(0))
                 rounded[vec(group)] = T.round(x_vec(x, row, g * group, group) * T.Broadcast(st[1], group))
                 part[1, vec(VR)] = _fold_halves(rounded[vec(group)], group, lambda a, c: a + c, VR)
-                xd[b, g] = st[0] * T.float32(1.0 / INT16_STEPS)
+                xd[b, g] = st[0] * T.float32(1.0 / STEPS)
                 xs[b, g] = T.float32(0)
                 for i in T.serial(VR):
                     xs[b, g] = xs[b, g] + part[1, i]
                 xs[b, g] = xs[b, g] * xd[b, g]
-                xq[b, T.Ramp(g * HALF, 1, HALF)] = T.bitwise_or(
-                    T.bitwise_and(T.Cast(f"int32x{HALF}", T.Shuffle([rounded[vec(group)]], LO)),
-                                  T.Broadcast(T.int32(0xFFFF), HALF)),
-                    T.shift_left(T.Cast(f"int32x{HALF}", T.Shuffle([rounded[vec(group)]], HI)),
-                                 T.Broadcast(T.int32(16), HALF)))
+                xq[b, T.Ramp(g * PER, 1, PER)] = packed(rounded[vec(group)])
 
     def make_tile(nb: int):
         @T.macro
@@ -154,11 +174,8 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
                     for s in T.unroll(S):
                         for a in T.unroll(nb):
                             isum[a, vec(ROWS)] = T.call_llvm_pure_intrin(
-                                f"int32x{ROWS}", PAIR_DOT, isum[a, vec(ROWS)],
-                                T.reinterpret(f"int16x{2 * ROWS}", T.bitwise_and(
-                                    T.shift_right(qw[rb, g * WG + w, vec(ROWS)], T.Broadcast(T.uint32(bits * s), ROWS)),
-                                    T.Broadcast(T.uint32(PAIR_MASK), ROWS))),
-                                T.reinterpret(f"int16x{2 * ROWS}", T.Broadcast(xq[b0 + a, (g * WG + w) * S + s], ROWS)))
+                                f"int32x{ROWS}", DOT, isum[a, vec(ROWS)], codes(qw[rb, g * WG + w, vec(ROWS)], s),
+                                T.reinterpret(f"{XT}x{C * ROWS}", T.Broadcast(xq[b0 + a, (g * WG + w) * S + s], ROWS)))
                 for a in T.unroll(nb):
                     if has_min:
                         acc[a, vec(ROWS)] = (acc[a, vec(ROWS)] + T.Cast(f"float32x{ROWS}", isum[a, vec(ROWS)])
@@ -186,7 +203,7 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
             qw = T.decl_buffer((RB, W, ROWS), "uint32", data=qw_flat.data)
             qs = T.decl_buffer((RB, G, ROWS), scale_dtype, data=qs_flat.data)
             qm = T.decl_buffer((RB, G, ROWS), scale_dtype, data=qm_flat.data)  # qs again without minima
-            xq = T.sblock_alloc_buffer((T.min(B, MC), k // 2), "int32")
+            xq = T.sblock_alloc_buffer((T.min(B, MC), k // C), "int32")
             xs = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
             xd = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
             for mc in T.serial((B + MC - 1) // MC):
@@ -366,7 +383,7 @@ def _same_type(a, b) -> bool:
     return True
 
 
-def interleave_pass():
+def interleave_pass(int8: bool = False):
     """Module pass, after ``FuseTIR`` and before :func:`kiln_backends.cpu_kernels.replace_projections`:
     the kernels over interleaved weights for every projection (and quantized embedding gather)
     whose weights no other kernel reads, and the function ``LAYOUT_FUNC`` that lays those weights
@@ -379,7 +396,7 @@ def interleave_pass():
         for gv, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs or {}).get("tirx.is_scheduled"):
                 continue
-            roles = (_gemv_for(func, ROWS, build=False, interleaved=True) if "q_matmul" in gv.name_hint
+            roles = (_gemv_for(func, ROWS, build=False, interleaved=True, int8=int8) if "q_matmul" in gv.name_hint
                      else _take_for(func, build=False) if gv.name_hint.startswith("q_take") else None)
             if roles:
                 kernels[gv] = set(roles.values())
@@ -426,7 +443,8 @@ def interleave_pass():
         mod = mod.clone()
         for gv in taken:
             func = mod[gv]
-            kernel = (_gemv_for(func, ROWS, interleaved=True) if "q_matmul" in gv.name_hint else _take_for(func))
+            kernel = (_gemv_for(func, ROWS, interleaved=True, int8=int8) if "q_matmul" in gv.name_hint
+                      else _take_for(func))
             if kernel is None:  # cannot happen for a kernel that passed the analysis: keep the layout row-major
                 raise RuntimeError(f"interleaved weights: no kernel for {gv.name_hint}")
             symbol = (func.attrs or {}).get("global_symbol")
@@ -456,8 +474,8 @@ def interleave_pass():
 
 
 def pair_dots(target: tvm.target.Target) -> bool:
-    """Whether the target has ``vpdpwssd`` on 512-bit registers (AVX-512 VNNI), which the
-    interleaved kernels are written for."""
+    """Whether the target has ``vpdpwssd`` and ``vpdpbusd`` on 512-bit registers (AVX-512 VNNI),
+    which the interleaved kernels are written for."""
     from tvm.target.codegen import llvm_cpu_has_features
 
     try:

@@ -846,7 +846,7 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     if None in (k, n_rows, words, groups) or (d0 is None) == (d1 is None) or (d0 or d1) != 1:
         return None  # static rows (the logits of a prefill) or another layout: the schedule rules handle it
     bits = 32 * words // k
-    takes = interleaved_takes(n_rows, k, bits, k // groups) if interleaved else _gemv_takes(
+    takes = interleaved_takes(n_rows, k, bits, k // groups, int8) if interleaved else _gemv_takes(
         n_rows, k, bits, k // groups, lanes)
     if bits not in (2, 4, 8) or k % groups or not takes:
         return None
@@ -856,7 +856,7 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     try:
         if interleaved:
             kernel = interleaved_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
-                                      str(out.dtype), batch_first=d1 == 1, epilogue=epilogue)
+                                      str(out.dtype), batch_first=d1 == 1, epilogue=epilogue, int8=int8)
         else:
             kernel = quantized_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
                                     str(out.dtype), lanes, batch_first=d1 == 1, epilogue=epilogue, int8=int8,
