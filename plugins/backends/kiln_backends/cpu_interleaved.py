@@ -35,8 +35,8 @@ from tvm.script import tirx as T
 
 from kiln.pipeline.compile import PARAM_LAYOUT_FUNC as LAYOUT_FUNC
 
-from .cpu_kernels import (CHUNK_ROWS, INT8_STEPS, INT16_STEPS, PARALLEL_RELAYOUT, RELAYOUT_LANES, _fold_halves, _gemv_for,
-                          _l2_hint, _well_formed)
+from .cpu_kernels import (CHUNK_ROWS, INT8_STEPS, INT16_STEPS, PARALLEL_RELAYOUT, PARALLEL_TOKENS, RELAYOUT_LANES,
+                          _fold_halves, _gemv_for, _l2_hint, _well_formed)
 
 log = logging.getLogger("kiln")
 
@@ -269,16 +269,23 @@ def interleaved_take(vocab: int, words: int, groups: int, bits: int, scale_dtype
         return (code - T.float32(OFF)) * scale
 
     @T.macro
+    def gather(ids, qw, qs, qm, out, s):
+        row: T.let[T.int64] = T.Cast("int64", T.max(T.min(ids[s], T.Cast(ids_dtype, vocab - 1)), T.Cast(ids_dtype, 0)))
+        for h in T.serial(dim):
+            out[s, h] = T.Cast(out_dtype, value(qw, qs, qm, row, h))
+
+    @T.macro
     def body(ids, qw_flat, qs_flat, qm_flat, out, n):
         with T.sblock("root"):
             qw = T.decl_buffer((vocab // ROWS, words, ROWS), "uint32", data=qw_flat.data)
             qs = T.decl_buffer((vocab // ROWS, groups, ROWS), scale_dtype, data=qs_flat.data)
             qm = T.decl_buffer((vocab // ROWS, groups, ROWS), scale_dtype, data=qm_flat.data)
-            for s in T.serial(n):
-                row: T.let[T.int64] = T.Cast("int64", T.max(T.min(ids[s], T.Cast(ids_dtype, vocab - 1)),
-                                                             T.Cast(ids_dtype, 0)))
-                for h in T.serial(dim):
-                    out[s, h] = T.Cast(out_dtype, value(qw, qs, qm, row, h))
+            if n >= PARALLEL_TOKENS:  # a prefill's tokens on all cores, a decode step's on this one
+                for s in T.parallel(n):
+                    gather(ids, qw, qs, qm, out, s)
+            else:
+                for s in T.serial(n):
+                    gather(ids, qw, qs, qm, out, s)
 
     if has_min:
         @T.prim_func(s_tir=True, private=True, check_well_formed=False)
