@@ -434,3 +434,24 @@ def test_unscheduled_and_scheduled_libraries_agree(checkpoint, kiln_build):
         outs.append(np.concatenate([m.prefill([0], [tokens], all_logits=True), m.decode([0], [7])]))
     # the scheduled library's 4-bit kernels round activations to int16 steps (kiln_backends.cpu_kernels)
     np.testing.assert_allclose(outs[0], outs[1], atol=5e-3, rtol=0)
+
+
+def test_compile_errors_quote_tvmscripts_error_line_and_where_it_points():
+    """A TVMScript diagnostic ends with the offending source line and a row of carets; the one
+    line kiln shows (``CompileError``) is its ``error:`` line and the place it points at."""
+    from tvm.script import tirx as T
+
+    from kiln.pipeline.compile import error_line
+
+    def code(i):
+        return 1 if i > 0 else 2  # a TIR expression in a Python condition: rejected while parsing
+
+    with pytest.raises(Exception) as info:
+        @T.prim_func
+        def f(a: T.Buffer((4,), "int32")):
+            for i in T.unroll(4):
+                a[i] = code(i)
+
+    assert str(info.value).strip().splitlines()[-1].strip().strip("|").strip().startswith("^")
+    line = error_line(info.value)
+    assert "Cannot use and / or / not operator to Expr" in line and "test_pipeline.py:" in line, line

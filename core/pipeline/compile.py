@@ -90,6 +90,18 @@ def attach_metadata(mod, metadata: dict):
     return mod
 
 
+def error_line(exc: BaseException) -> str:
+    """The line of a TVM error that says what went wrong: a TVMScript diagnostic's ``error:`` line
+    with the place it points at (its last lines are the source line and carets), else the last
+    line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("error:"):
+            where = next((rest[3:].strip() for rest in lines[i + 1:i + 2] if rest.startswith("-->")), "")
+            return line[len("error:"):].strip() + (f" (at {where})" if where else "")
+    return lines[-1] if lines else type(exc).__name__
+
+
 def compile_model(
     config: str | Path,
     device: str,
@@ -139,7 +151,7 @@ def compile_model(
     try:
         ex = tvm.compile(mod, target, relax_pipeline=backend.pipeline(target, opts))
     except Exception as exc:  # noqa: BLE001 - TVM raises many error types
-        raise CompileError(f"compiling {arch.name} for {backend.name} failed: {str(exc).strip().splitlines()[-1]}") from exc
+        raise CompileError(f"compiling {arch.name} for {backend.name} failed: {error_line(exc)}") from exc
     with staging_dir(output) as tmp:
         lib = tmp / output.name
         if backend.export is not None:
