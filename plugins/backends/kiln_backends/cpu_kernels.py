@@ -1,7 +1,10 @@
 """Hand-written CPU kernels for the projections and the attention of a model step.
 
 **Projections over packed low-bit weights** (``q_matmul``: ``y[b, n] = sum_k x[b, k] * W[n, k]``,
-``W`` dequantized on the fly).  Expressed as one TE reduction and left to schedule rules, TVM
+``W`` dequantized on the fly), row-major: the kernel of every CPU without AVX-512 VNNI, of
+weights the interleaved kernels do not take, and of ``--opt interleave=0``.  With AVX-512 VNNI
+the weights are instead re-laid out at load for the faster kernels of
+:mod:`kiln_backends.cpu_interleaved`, which share this module's activation rounding.  Expressed as one TE reduction and left to schedule rules, TVM
 vectorizes the unpacking poorly (the codes of a packed word end up gathered lane by lane) and
 unpacks every weight again for every activation row.  This kernel is written out in TIR, and
 its inner loop is integer arithmetic, as llama.cpp's is:
