@@ -331,9 +331,11 @@ def config_dir(checkpoint, tmp_path_factory):
     "device,opt,code,message",
     [
         ("tpu", None, 2, "unknown device 'tpu' (did you mean 'cpu'?); installed: cpu"),
-        ("cpu", "unroll=4", 2, "unknown --opt key 'unroll' for device 'cpu'; valid keys: activations, mcpu, schedule"),
+        ("cpu", "unroll=4", 2, "unknown --opt key 'unroll' for device 'cpu'; valid keys: activations, interleave, mcpu, "
+                               "schedule"),
         ("cpu", "schedule", 2, "--opt item 'schedule' is not of the form key=value"),
         ("cpu", "activations=fp8", 2, "--opt activations must be one of int16, int8, got 'fp8'"),
+        ("cpu", "interleave=yes", 2, "--opt interleave must be one of 0, 1, got 'yes'"),
     ],
 )
 def test_compile_rejects_unknown_device_and_options(config_dir, tmp_path, capsys, device, opt, code, message):

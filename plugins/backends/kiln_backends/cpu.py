@@ -78,7 +78,7 @@ CPU = BackendSpec(
         "schedule": BackendOption(1, "1: kiln's CPU schedules (threads, vectorized kernels); 0: unscheduled TIR"),
         "interleave": BackendOption(1, "1: projection weights interleaved 16 rows to a vector when loaded, for kernels "
                                     "that are faster at every batch size (CPUs with AVX-512 VNNI); "
-                                    "0: row-major weights and kernels"),
+                                    "0: row-major weights and kernels", choices=(0, 1)),
         "activations": BackendOption("int16", "what 4- and 8-bit projections round their activations to, per group "
                                      "of 32: int16, or int8 as llama.cpp does (faster with VNNI; logits move "
                                      "about as far from float32 as llama.cpp's)", choices=("int16", "int8")),

@@ -4,10 +4,12 @@
 ``W`` dequantized on the fly), row-major: the kernel of every CPU without AVX-512 VNNI, of
 weights the interleaved kernels do not take, and of ``--opt interleave=0``.  With AVX-512 VNNI
 the weights are instead re-laid out at load for the faster kernels of
-:mod:`kiln_backends.cpu_interleaved`, which share this module's activation rounding.  Expressed as one TE reduction and left to schedule rules, TVM
-vectorizes the unpacking poorly (the codes of a packed word end up gathered lane by lane) and
-unpacks every weight again for every activation row.  This kernel is written out in TIR, and
-its inner loop is integer arithmetic, as llama.cpp's is:
+:mod:`kiln_backends.cpu_interleaved`, which round the activations the same way.
+
+Expressed as one TE reduction and left to schedule rules, TVM vectorizes the unpacking poorly
+(the codes of a packed word end up gathered lane by lane) and unpacks every weight again for
+every activation row.  This kernel is written out in TIR, and its inner loop is integer
+arithmetic, as llama.cpp's is:
 
 * each activation row is quantized per weight group (32 values) to int16: ``x ~ xd * xi`` with
   ``xd = max|x| / 32767`` and ``xi = round(x / xd)``, so each activation is off by at most half a
@@ -818,9 +820,9 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     among the function's parameters (``{"qw": i, "qs": j[, "qm": l]}``).  ``int8`` and ``vnni`` as
     for :func:`quantized_gemv`; ``interleaved``: the kernel over interleaved weights
     (:func:`kiln_backends.cpu_interleaved.interleaved_gemv`) instead."""
-    from .cpu_interleaved import interleaved_gemv, interleaved_takes
-
     from tvm import s_tir
+
+    from .cpu_interleaved import interleaved_gemv, interleaved_takes
 
     try:
         sch = s_tir.Schedule(func)
