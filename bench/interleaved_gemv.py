@@ -1,11 +1,13 @@
 """kiln's two CPU projection kernels on the same weights: interleaved against row-major.
 
     python bench/interleaved_gemv.py [--shapes 3072x576,960x576,576x1536] [--batch 1,8] [--threads 1] [--int8]
+                                     [--mcpu znver3]
 
-On a CPU with AVX-512 VNNI the CPU backend stores projection weights interleaved 16 rows to a
-vector when a model is loaded and multiplies them with ``kiln_backends.cpu_interleaved``'s
+On a CPU with AVX2 or AVX-512 the CPU backend stores projection weights interleaved 8 or 16 rows
+to a vector when a model is loaded and multiplies them with ``kiln_backends.cpu_interleaved``'s
 kernel; elsewhere (or with ``--opt interleave=0``) with the row-major kernel of
-``kiln_backends.cpu_kernels``.  This script times both kernels (alternating, best of 7) on the
+``kiln_backends.cpu_kernels``.  ``--mcpu`` compiles both for another CPU than this one (``znver3``:
+AVX2 without VNNI, which any AVX-512 machine also runs).  This script times both kernels (alternating, best of 7) on the
 same random 4-bit ``q4f32_2``-style weights and float activations, and prints the largest
 difference between their results relative to the largest output (both round the activations to
 int16 per group of 32, or with ``--int8`` to int8; they add in different orders).  The weights
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1,8", help="activation rows")
     ap.add_argument("--threads", type=int, default=1, help="TVM threads (TVM_NUM_THREADS)")
     ap.add_argument("--int8", action="store_true", help="activations rounded to int8 (--opt activations=int8)")
+    ap.add_argument("--mcpu", default="", help="LLVM CPU to compile for (default: this machine's)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -47,13 +50,16 @@ def main(argv=None) -> int:
     import tvm
 
     from kiln_backends.cpu import host_target
-    from kiln_backends.cpu_interleaved import interleave, interleaved_gemv, pair_dots
-    from kiln_backends.cpu_kernels import quantized_gemv
+    from kiln_backends.cpu_interleaved import interleave, interleave_rows, interleaved_gemv
+    from kiln_backends.cpu_kernels import byte_dots, quantized_gemv
+    from kiln_backends.cpu_schedules import vector_bits
 
-    target = tvm.target.Target(host_target({}))
-    if not pair_dots(target):
-        print("the interleaved kernel needs AVX-512 VNNI (vpdpwssd, vpdpbusd on 512-bit registers)", file=sys.stderr)
+    target = tvm.target.Target(host_target({"mcpu": args.mcpu}))
+    rows, lanes, vnni = interleave_rows(target), max(vector_bits(target) // 32, 4), byte_dots(target)
+    if not rows:
+        print("the interleaved kernel needs AVX2 or AVX-512", file=sys.stderr)
         return 2
+    print(f"{target.attrs.get('mcpu', '')}: {rows} rows a vector, {'with' if vnni else 'without'} VNNI")
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
 
@@ -67,12 +73,12 @@ def main(argv=None) -> int:
         qs = (rng.random((n, k // 32)) * 0.01 + 0.001).astype("float16")
         qm = (-rng.random((n, k // 32)) * 0.05).astype("float16")
         # both kernels take any number of rows (a symbolic dimension): built once per shape
-        f_rows = build(quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", 16, batch_first=True,
-                                      int8=args.int8, vnni=True))
+        f_rows = build(quantized_gemv(n, k, 4, 32, "float16", True, "float32", "float32", lanes, batch_first=True,
+                                      int8=args.int8, vnni=vnni))
         f_new = build(interleaved_gemv(n, k, 4, 32, "float16", True, "float32", "float32", batch_first=True,
-                                       int8=args.int8))
+                                       int8=args.int8, rows=rows, vnni=vnni))
         weights_rows = [tvm.runtime.tensor(v, dev) for v in (qw, qs, qm)]
-        weights_new = [tvm.runtime.tensor(interleave(v), dev) for v in (qw, qs, qm)]
+        weights_new = [tvm.runtime.tensor(interleave(v, rows), dev) for v in (qw, qs, qm)]
         for b in map(int, args.batch.split(",")):
             x = tvm.runtime.tensor(rng.standard_normal((b, 1, k)).astype("float32"), dev)
             y_rows, y_new = (tvm.runtime.tensor(np.zeros((b, 1, n), "float32"), dev) for _ in range(2))

@@ -1,8 +1,7 @@
-"""The CPU backend's kernels over weights interleaved 16 rows to a vector, the relayout that
-makes that layout at load, and the compile pass that decides which weights get it.
-
-The kernels are written for AVX-512 VNNI (``vpdpwssd``); on a CPU without it kiln keeps the
-row-major kernels (``tests/test_cpu_kernels.py``), and these tests cannot run.
+"""The CPU backend's kernels over weights interleaved 16 (AVX-512) or 8 (AVX2) rows to a vector,
+the relayout that makes that layout at load, and the compile pass that decides which weights
+get it.  Each kernel variant is tested where this CPU can run it: all of them on one with
+AVX-512 VNNI.
 """
 
 from __future__ import annotations
@@ -17,15 +16,31 @@ from kiln.quantization.layers import q_dense, q_take
 from kiln_backends import cpu_interleaved as ci
 from kiln_backends import cpu_kernels as ck
 from kiln_backends.cpu import host_target
+from tvm.target.codegen import llvm_cpu_has_features
 
 from test_cpu_kernels import ACTIVATIONS, build, dequantize, random_weights, rounded_activations, run
 
 TARGET = tvm.target.Target(host_target({}))
-pytestmark = pytest.mark.skipif(not ci.pair_dots(TARGET), reason="the interleaved kernels need AVX-512 VNNI")
+HOST_ROWS = ci.interleave_rows(TARGET)
+pytestmark = pytest.mark.skipif(not HOST_ROWS, reason="the interleaved kernels are written for AVX2 and AVX-512")
+
+# (weight rows per vector, VNNI dot products): AVX-512 with and without VNNI, AVX2 with and without
+VARIANTS = [pytest.param(16, True, id="avx512-vnni"), pytest.param(16, False, id="avx512"),
+            pytest.param(8, True, id="avx2-vnni"), pytest.param(8, False, id="avx2")]
 
 
-def interleaved(*arrays):
-    return [ci.interleave(a) for a in arrays if a is not None]
+def need(rows, vnni):
+    """Skip a variant this CPU cannot run (its instructions, not kiln's choice for the CPU)."""
+    has = lambda f: llvm_cpu_has_features([f], TARGET)  # noqa: E731
+    ok = has("avx512bw") if rows == 16 else has("avx2")
+    if vnni:
+        ok = ok and (has("avx512vnni") and (rows == 16 or has("avx512vl")) or rows == 8 and has("avxvnni"))
+    if not ok:
+        pytest.skip(f"this CPU cannot run the {rows}-row kernel{' with VNNI' if vnni else ''}")
+
+
+def interleaved(*arrays, rows=16):
+    return [ci.interleave(a, rows) for a in arrays if a is not None]
 
 
 CASES = [  # (N, K, bits, asymmetric)
@@ -41,17 +56,19 @@ CASES = [  # (N, K, bits, asymmetric)
 @pytest.mark.parametrize("n,k,bits,asym", CASES)
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
 @pytest.mark.parametrize("activations", ["int16", "int8"])
-def test_interleaved_projection_matches_numpy(n, k, bits, asym, prefill, activations):
+@pytest.mark.parametrize("rows,vnni", VARIANTS)
+def test_interleaved_projection_matches_numpy(n, k, bits, asym, prefill, activations, rows, vnni):
+    need(rows, vnni)
     rng = np.random.default_rng(n + k + bits)
     qw, qs, qm = random_weights(rng, n, k, bits, asym)
     scaled, offset = dequantize(qw, qs, qm, bits)
     fn = build(ci.interleaved_gemv(n, k, bits, 32, "float16", asym, "float32", "float32", batch_first=not prefill,
-                                   int8=activations == "int8"))
-    for rows in (1, 2, 3, 7, 8, 13, 70):  # tiles of 8, 4, 2 and 1 sequences; two chunks of 64
-        x = rng.standard_normal((rows, k)).astype(np.float32)
-        shape, out_shape = ((1, rows, k), (1, rows, n)) if prefill else ((rows, 1, k), (rows, 1, n))
-        (y,) = run(fn, [x.reshape(shape), *interleaved(qw, qs, qm)], [(out_shape, "float32")])
-        y = y.reshape(rows, n)
+                                   int8=activations == "int8", rows=rows, vnni=vnni))
+    for batch in (1, 2, 3, 7, 8, 13, 70):  # tiles of 8 (AVX2: 4), 4, 2 and 1 sequences; two chunks of 64
+        x = rng.standard_normal((batch, k)).astype(np.float32)
+        shape, out_shape = ((1, batch, k), (1, batch, n)) if prefill else ((batch, 1, k), (batch, 1, n))
+        (y,) = run(fn, [x.reshape(shape), *interleaved(qw, qs, qm, rows=rows)], [(out_shape, "float32")])
+        y = y.reshape(batch, n)
         xq, step = rounded_activations(x, ACTIVATIONS[activations])
         emulated = xq @ (scaled + offset).T  # the dequantized weights times the rounded activations
         np.testing.assert_allclose(y, emulated, rtol=1e-5, atol=1e-5 * np.abs(emulated).max())
@@ -61,14 +78,17 @@ def test_interleaved_projection_matches_numpy(n, k, bits, asym, prefill, activat
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["int16", "int8"])
-def test_interleaved_projection_does_not_depend_on_the_batch(int8):
+@pytest.mark.parametrize("rows,vnni", VARIANTS)
+def test_interleaved_projection_does_not_depend_on_the_batch(int8, rows, vnni):
     """Each output is one lane accumulated group after group: a row's result is bit for bit the
     same alone and in any batch, so batching does not change what a request generates."""
+    need(rows, vnni)
     rng = np.random.default_rng(1)
     n, k = 64, 576
     qw, qs, qm = random_weights(rng, n, k, 4, True)
-    fn = build(ci.interleaved_gemv(n, k, 4, 32, "float16", True, "float32", "float32", batch_first=False, int8=int8))
-    weights = interleaved(qw, qs, qm)
+    fn = build(ci.interleaved_gemv(n, k, 4, 32, "float16", True, "float32", "float32", batch_first=False, int8=int8,
+                                   rows=rows, vnni=vnni))
+    weights = interleaved(qw, qs, qm, rows=rows)
     x = rng.standard_normal((1, 75, k)).astype(np.float32)
     (whole,) = run(fn, [x, *weights], [((1, 75, n), "float32")])
     for rows in (1, 2, 3, 5, 8, 13):
@@ -80,6 +100,8 @@ def test_interleaved_projection_does_not_depend_on_the_batch(int8):
 def test_shapes_the_interleaved_kernel_does_not_take():
     assert ci.interleaved_takes(64, 576, 4, 32)
     assert not ci.interleaved_takes(40, 576, 4, 32)  # rows not a multiple of 16
+    assert ci.interleaved_takes(40, 576, 4, 32, rows=8)  # but of 8 (AVX2)
+    assert not ci.interleaved_takes(64, 576, 4, 32, rows=4)  # 128-bit vectors keep the row-major kernel
     assert not ci.interleaved_takes(64, 576, 4, 24)  # a group that does not fold in halves to 8 lanes
     assert not ci.interleaved_takes(64, 1024, 8, 512)  # a group's int32 sum could overflow
     assert ci.interleaved_takes(64, 1024, 8, 512, int8=True)  # not with int8 steps
@@ -102,29 +124,43 @@ def test_interleaved_kernel_takes_the_fused_residual_add(prefill):
     P = q_dense(X, QW, QS, QM, bits=4, group_size=32)
     out = te.compute(P.shape, lambda *i: R[i] + P[i], name="T_add")
     func = te.create_prim_func([X, QW, QS, QM, R, out])
-    assert ck._gemv_for(func, ci.ROWS, build=False, interleaved=True) == {"qw": 1, "qs": 2, "qm": 3}
-    fused = build(ck._gemv_for(func, ci.ROWS, interleaved=True))
-    plain = build(ci.interleaved_gemv(n, k, 4, 32, "float16", True, "float32", "float32", batch_first=not prefill))
+    vnni = ck.byte_dots(TARGET)
+    assert ck._gemv_for(func, HOST_ROWS, build=False, interleaved=True) == {"qw": 1, "qs": 2, "qm": 3}
+    fused = build(ck._gemv_for(func, HOST_ROWS, interleaved=True, vnni=vnni))
+    plain = build(ci.interleaved_gemv(n, k, 4, 32, "float16", True, "float32", "float32", batch_first=not prefill,
+                                      rows=HOST_ROWS, vnni=vnni))
     for rows in (1, 8, 13):
         shape, out_shape = ((1, rows, k), (1, rows, n)) if prefill else ((rows, 1, k), (rows, 1, n))
         x = rng.standard_normal(shape).astype(np.float32)
         r = rng.standard_normal(out_shape).astype(np.float32)
-        (y,) = run(plain, [x, *interleaved(qw, qs, qm)], [(out_shape, "float32")])
-        (got,) = run(fused, [x, *interleaved(qw, qs, qm), r], [(out_shape, "float32")])
+        (y,) = run(plain, [x, *interleaved(qw, qs, qm, rows=HOST_ROWS)], [(out_shape, "float32")])
+        (got,) = run(fused, [x, *interleaved(qw, qs, qm, rows=HOST_ROWS), r], [(out_shape, "float32")])
         assert np.array_equal(got, r + y)
 
 
 @pytest.mark.parametrize("n,c,dtype", [(64, 72, "uint32"), (32, 18, "float16"), (48, 5, "float32")])
-def test_relayout_kernel_equals_numpy(n, c, dtype):
+@pytest.mark.parametrize("rows", [16, 8])
+def test_relayout_kernel_equals_numpy(n, c, dtype, rows):
     rng = np.random.default_rng(n * c)
     a = (rng.integers(0, 2**32, (n, c), dtype=np.uint64) if dtype == "uint32" else rng.standard_normal((n, c))).astype(dtype)
-    (got,) = run(build(ci.interleave_kernel(n, c, dtype)), [a], [((n, c), dtype)])
-    assert np.array_equal(got, ci.interleave(a))
-    assert np.array_equal(got.reshape(n // 16, c, 16)[1, 2, 3], a[16 + 3, 2])  # row 19, column 2
+    (got,) = run(build(ci.interleave_kernel(n, c, dtype, rows)), [a], [((n, c), dtype)])
+    assert np.array_equal(got, ci.interleave(a, rows))
+    assert np.array_equal(got.reshape(n // rows, c, rows)[1, 2, 3], a[rows + 3, 2])  # row rows + 3, column 2
+
+
+def test_rows_per_vector_follow_the_target():
+    def rows(**attrs):
+        return ci.interleave_rows(tvm.target.Target({"kind": "llvm", **attrs}))
+
+    assert rows(mcpu="sapphirerapids") == 16
+    assert rows(mcpu="znver3") == 8  # AVX2
+    assert rows(mcpu="nehalem") == 0  # SSE only: row-major
+    assert rows(mtriple="aarch64-linux-gnu", mcpu="cortex-a76") == 0
 
 
 @pytest.mark.parametrize("bits,asym", [(8, False), (4, True)])
-def test_interleaved_gather_equals_q_take(bits, asym):
+@pytest.mark.parametrize("rows", [16, 8])
+def test_interleaved_gather_equals_q_take(bits, asym, rows):
     """A tied embedding's table is the LM head's: the gather reads it interleaved and gives bit for
     bit what kiln's ``q_take`` gives on the row-major table, ids out of range clipped alike."""
     rng = np.random.default_rng(bits)
@@ -136,13 +172,13 @@ def test_interleaved_gather_equals_q_take(bits, asym):
     QM = te.placeholder(qm.shape, "float16", name="qm") if asym else None
     out = q_take(ids, QW, QS, QM, bits=bits, group_size=32, dim=dim, dtype="float32")
     func = te.create_prim_func([ids, QW, QS, *([QM] if asym else []), out])
-    assert ci._take_for(func, build=False) == {"qw": 1, "qs": 2, **({"qm": 3} if asym else {})}
+    assert ci._take_for(func, rows, build=False) == {"qw": 1, "qs": 2, **({"qm": 3} if asym else {})}
     plain = tvm.compile(func, TARGET)["main"]
-    gather = build(ci._take_for(func))
+    gather = build(ci._take_for(func, rows))
     tokens = np.array([0, 95, 17, 16, 200, -3, 31], dtype=np.int32)
     weights = [qw, qs] + ([qm] if asym else [])
     (want,) = run(plain, [tokens, *weights], [((len(tokens), dim), "float32")])
-    (got,) = run(gather, [tokens, *interleaved(*weights)], [((len(tokens), dim), "float32")])
+    (got,) = run(gather, [tokens, *interleaved(*weights, rows=rows)], [((len(tokens), dim), "float32")])
     assert np.array_equal(got, want)
     assert np.array_equal(got[4], want[1])  # 200 clipped to the last row
 
@@ -150,7 +186,7 @@ def test_interleaved_gather_equals_q_take(bits, asym):
 @pytest.fixture(scope="module", params=[320, 260], ids=["vocab320", "vocab260"])
 def tied_checkpoint(request, tmp_path_factory):
     """A small random Llama with tied embeddings; a vocabulary of 260 rows is not a whole number
-    of 16-row blocks, so its table (embedding and LM head) must stay row-major."""
+    of 16- or 8-row blocks, so its table (embedding and LM head) must stay row-major."""
     from kiln.testing import make_hf_checkpoint, write_byte_tokenizer
 
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": request.param,
@@ -164,7 +200,7 @@ def tied_checkpoint(request, tmp_path_factory):
 
 def test_compiled_model_lays_out_exactly_the_weights_its_kernels_read(kiln_build, tied_checkpoint):
     """On a whole model: the library's ``_param_layout`` interleaves the quantized tensors of every
-    projection and of the tied embedding (when its rows are whole blocks of 16) and returns every
+    projection and of the tied embedding (when its rows are whole blocks of 16, or 8 with AVX2) and returns every
     other parameter as stored; the model then computes what the row-major kernels compute."""
     from kiln.runtime.model import LoadedModel, load_params
 
@@ -179,8 +215,8 @@ def test_compiled_model_lays_out_exactly_the_weights_its_kernels_read(kiln_build
     for name, before, after in zip(model.param_names, stored, model.params):
         before, after = before.numpy(), after.numpy()
         quantized = name.rsplit(".", 1)[-1] in ("q_weight", "q_scale", "q_min")
-        if quantized and (vocab % 16 == 0 or "embed_tokens" not in name):
-            assert np.array_equal(after, ci.interleave(before)), name
+        if quantized and (vocab % HOST_ROWS == 0 or "embed_tokens" not in name):
+            assert np.array_equal(after, ci.interleave(before, HOST_ROWS)), name
             changed += 1
         else:
             assert np.array_equal(after, before), name

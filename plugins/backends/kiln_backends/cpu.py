@@ -19,8 +19,8 @@ def pipeline(target, opts):
     import tvm
     from tvm import relax
 
-    from .cpu_interleaved import interleave_pass, pair_dots
-    from .cpu_kernels import replace_kernels, replace_projections
+    from .cpu_interleaved import interleave_pass, interleave_rows
+    from .cpu_kernels import byte_dots, replace_kernels, replace_projections
     from .cpu_schedules import schedule_pass, serial_twins_pass
 
     scheduled = bool(opts.get("schedule", 1))
@@ -39,8 +39,9 @@ def pipeline(target, opts):
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ]
-        if scheduled and int(opts.get("interleave", 1)) and pair_dots(target):
-            passes += [interleave_pass(int8=activations == "int8")]
+        rows = interleave_rows(target) if scheduled and int(opts.get("interleave", 1)) else 0
+        if rows:
+            passes += [interleave_pass(rows, vnni=byte_dots(target), int8=activations == "int8")]
         if scheduled:
             passes += [replace_projections(target, int8=activations == "int8"), schedule_pass(target)]
         passes += [relax.transform.RewriteDataflowReshape()]
@@ -76,8 +77,8 @@ CPU = BackendSpec(
     options={
         "mcpu": BackendOption("", "LLVM CPU name to compile for (default: this machine's, e.g. skylake-avx512)"),
         "schedule": BackendOption(1, "1: kiln's CPU schedules (threads, vectorized kernels); 0: unscheduled TIR"),
-        "interleave": BackendOption(1, "1: projection weights interleaved 16 rows to a vector when loaded, for kernels "
-                                    "that are faster at every batch size (CPUs with AVX-512 VNNI); "
+        "interleave": BackendOption(1, "1: projection weights interleaved 16 (AVX-512) or 8 (AVX2) rows to a vector when loaded, for kernels "
+                                    "that are faster at every batch size (CPUs with AVX2 or AVX-512); "
                                     "0: row-major weights and kernels", choices=(0, 1)),
         "activations": BackendOption("int16", "what 4- and 8-bit projections round their activations to, per group "
                                      "of 32: int16, or int8 as llama.cpp does (faster with VNNI; logits move "

@@ -1,8 +1,8 @@
 """Hand-written CPU kernels for the projections and the attention of a model step.
 
 **Projections over packed low-bit weights** (``q_matmul``: ``y[b, n] = sum_k x[b, k] * W[n, k]``,
-``W`` dequantized on the fly), row-major: the kernel of every CPU without AVX-512 VNNI, of
-weights the interleaved kernels do not take, and of ``--opt interleave=0``.  With AVX-512 VNNI
+``W`` dequantized on the fly), row-major: the kernel of CPUs without AVX2 (NEON, SSE), of
+weights the interleaved kernels do not take, and of ``--opt interleave=0``.  With AVX2 or AVX-512
 the weights are instead re-laid out at load for the faster kernels of
 :mod:`kiln_backends.cpu_interleaved`, which round the activations the same way.
 
@@ -818,8 +818,8 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     (``FuseOps``: a cast, a residual add) as the kernel's epilogue, or ``None``.  With ``build``
     false, only whether it would be replaced: ``None``, or the positions of the weight's tensors
     among the function's parameters (``{"qw": i, "qs": j[, "qm": l]}``).  ``int8`` and ``vnni`` as
-    for :func:`quantized_gemv`; ``interleaved``: the kernel over interleaved weights
-    (:func:`kiln_backends.cpu_interleaved.interleaved_gemv`) instead."""
+    for :func:`quantized_gemv`; ``interleaved``: the kernel over weights interleaved ``lanes`` rows
+    to a vector (:func:`kiln_backends.cpu_interleaved.interleaved_gemv`) instead."""
     from tvm import s_tir
 
     from .cpu_interleaved import interleaved_gemv, interleaved_takes
@@ -851,7 +851,7 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     if None in (k, n_rows, words, groups) or (d0 is None) == (d1 is None) or (d0 or d1) != 1:
         return None  # static rows (the logits of a prefill) or another layout: the schedule rules handle it
     bits = 32 * words // k
-    takes = interleaved_takes(n_rows, k, bits, k // groups, int8) if interleaved else _gemv_takes(
+    takes = interleaved_takes(n_rows, k, bits, k // groups, int8, lanes) if interleaved else _gemv_takes(
         n_rows, k, bits, k // groups, lanes)
     if bits not in (2, 4, 8) or k % groups or not takes:
         return None
@@ -861,7 +861,8 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     try:
         if interleaved:
             kernel = interleaved_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
-                                      str(out.dtype), batch_first=d1 == 1, epilogue=epilogue, int8=int8)
+                                      str(out.dtype), batch_first=d1 == 1, epilogue=epilogue, int8=int8, rows=lanes,
+                                      vnni=vnni)
         else:
             kernel = quantized_gemv(n_rows, k, bits, k // groups, str(qs.dtype), qm is not None, str(x.dtype),
                                     str(out.dtype), lanes, batch_first=d1 == 1, epilogue=epilogue, int8=int8,
