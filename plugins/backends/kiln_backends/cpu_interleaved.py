@@ -38,7 +38,7 @@ from tvm.script import tirx as T
 from kiln.pipeline.compile import PARAM_LAYOUT_FUNC as LAYOUT_FUNC
 
 from .cpu_kernels import (CHUNK_ROWS, INT8_STEPS, INT16_STEPS, PARALLEL_RELAYOUT, PARALLEL_TOKENS, RELAYOUT_LANES,
-                          _fold_halves, _gemv_for, _l2_hint, _well_formed)
+                          _fold_halves, _gemv_for, _l2_hint, _projection_func, _well_formed)
 
 log = logging.getLogger("kiln")
 
@@ -245,24 +245,8 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
                         if nb % 2 == 1:
                             t1(qw, qs, qm, y, xq, xs, xd, acc, isum, rb, nb - 1, mc * MC + nb - 1)
 
-    if has_min:
-        @T.prim_func(s_tir=True, private=True, check_well_formed=False)
-        def gemv(var_x: T.handle, qw: T.Buffer((n_rows, W), "uint32"), qs: T.Buffer((n_rows, G), scale_dtype),
-                 qm: T.Buffer((n_rows, G), scale_dtype), var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "kiln.interleaved": True})
-            B = T.int64()
-            x = T.match_buffer(var_x, (B, 1, k) if batch_first else (1, B, k), x_dtype)
-            y = T.match_buffer(var_y, (B, 1, n_rows) if batch_first else (1, B, n_rows), out_dtype)
-            body(x, qw, qs, qm, y, B)
-    else:
-        @T.prim_func(s_tir=True, private=True, check_well_formed=False)
-        def gemv(var_x: T.handle, qw: T.Buffer((n_rows, W), "uint32"), qs: T.Buffer((n_rows, G), scale_dtype),
-                 var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "kiln.interleaved": True})
-            B = T.int64()
-            x = T.match_buffer(var_x, (B, 1, k) if batch_first else (1, B, k), x_dtype)
-            y = T.match_buffer(var_y, (B, 1, n_rows) if batch_first else (1, B, n_rows), out_dtype)
-            body(x, qw, qs, qs, y, B)
+    gemv = _projection_func(body, n_rows, k, W, G, scale_dtype, has_min, x_dtype, out_dtype, batch_first,
+                            {"kiln.interleaved": True})
     if epilogue is None and not _well_formed(gemv):
         raise RuntimeError("kiln's interleaved projection kernel is not well-formed TIR")
     return gemv

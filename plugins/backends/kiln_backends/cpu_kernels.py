@@ -712,13 +712,26 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                     for no in T.parallel(n_rows // RT):
                         task_whole(qh, qs, qm, y, xq, xs, xd, qw, no, nb, mc)
 
-    # an epilogue loads buffers of the function it came from: the check waits until they are
-    # parameters (_gemv_for)
+    gemv = _projection_func(body, n_rows, k, W, G, scale_dtype, has_min, x_dtype, out_dtype, batch_first, {})
+    if epilogue is None and not _well_formed(gemv):
+        raise RuntimeError("kiln's projection kernel is not well-formed TIR")
+    return gemv
+
+
+def _projection_func(body, n_rows: int, k: int, words: int, groups: int, scale_dtype: str, has_min: bool,
+                     x_dtype: str, out_dtype: str, batch_first: bool, attrs: dict):
+    """The PrimFunc ``(x, q_weight, q_scale[, q_min], out)`` of a projection kernel (the signature of
+    kiln's ``q_matmul``, ``B`` rows symbolic) around the macro ``body(x, qw, qs, qm, y, B)``, which
+    gets ``q_scale`` again as ``qm`` when there are no minima.  Not checked for well-formedness:
+    an epilogue loads buffers of the function it came from until :func:`_gemv_for` makes them
+    parameters."""
+    W, G = words, groups
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True, **attrs}
     if has_min:
         @T.prim_func(s_tir=True, private=True, check_well_formed=False)
         def gemv(var_x: T.handle, qw: T.Buffer((n_rows, W), "uint32"), qs: T.Buffer((n_rows, G), scale_dtype),
                  qm: T.Buffer((n_rows, G), scale_dtype), var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            T.func_attr(attrs)
             B = T.int64()
             x = T.match_buffer(var_x, (B, 1, k) if batch_first else (1, B, k), x_dtype)
             y = T.match_buffer(var_y, (B, 1, n_rows) if batch_first else (1, B, n_rows), out_dtype)
@@ -727,13 +740,11 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
         @T.prim_func(s_tir=True, private=True, check_well_formed=False)
         def gemv(var_x: T.handle, qw: T.Buffer((n_rows, W), "uint32"), qs: T.Buffer((n_rows, G), scale_dtype),
                  var_y: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            T.func_attr(attrs)
             B = T.int64()
             x = T.match_buffer(var_x, (B, 1, k) if batch_first else (1, B, k), x_dtype)
             y = T.match_buffer(var_y, (B, 1, n_rows) if batch_first else (1, B, n_rows), out_dtype)
-            body(x, qw, qs, None, y, B)
-    if epilogue is None and not _well_formed(gemv):
-        raise RuntimeError("kiln's projection kernel is not well-formed TIR")
+            body(x, qw, qs, qs, y, B)
     return gemv
 
 
