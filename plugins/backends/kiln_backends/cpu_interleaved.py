@@ -37,8 +37,8 @@ from tvm.script import tirx as T
 
 from kiln.pipeline.compile import PARAM_LAYOUT_FUNC as LAYOUT_FUNC
 
-from .cpu_kernels import (CHUNK_ROWS, INT8_STEPS, INT16_STEPS, PARALLEL_RELAYOUT, PARALLEL_TOKENS, RELAYOUT_LANES,
-                          _fold_halves, _gemv_for, _l2_hint, _projection_func, _well_formed)
+from .cpu_kernels import (CHUNK_ROWS, INT8_STEPS, INT16_STEPS, PARALLEL_TOKENS, RELAYOUT_LANES, _activation_loader,
+                          _chunk_rounder, _fold_halves, _gemv_for, _l2_hint, _projection_func, _well_formed)
 
 log = logging.getLogger("kiln")
 
@@ -115,9 +115,7 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
     def store(value, index):
         return epilogue(value, index) if epilogue is not None else T.Cast(out_dtype, value)
 
-    def x_vec(x, row, start, n):
-        v = x[row, 0, T.Ramp(start, 1, n)] if batch_first else x[0, row, T.Ramp(start, 1, n)]
-        return v if x_dtype == "float32" else T.Cast(f"float32x{n}", v)
+    x_vec = _activation_loader(batch_first, x_dtype)
 
     def vec(n):
         return T.Ramp(0, 1, n)
@@ -214,6 +212,7 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
         return tile
 
     t8, t4, t2, t1 = (make_tile(n) for n in (NT, 4, 2, 1))  # t8: NT (8, or 4 with AVX2) sequences
+    round_chunk = _chunk_rounder(relayout)
 
     @T.macro
     def body(x, qw_flat, qs_flat, qm_flat, y, B):
@@ -226,12 +225,7 @@ def interleaved_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: st
             xd = T.sblock_alloc_buffer((T.min(B, MC), G), "float32")
             for mc in T.serial((B + MC - 1) // MC):
                 nb: T.let[T.int64] = T.min(B - mc * MC, MC)
-                if nb >= PARALLEL_RELAYOUT:
-                    for b in T.parallel(nb):
-                        relayout(x, xq, xs, xd, b, mc * MC + b)
-                else:
-                    for b in T.serial(nb):
-                        relayout(x, xq, xs, xd, b, mc * MC + b)
+                round_chunk(x, xq, xs, xd, nb, mc * MC)
                 for rb in T.parallel(RB):
                     with T.sblock("rows"):
                         acc = T.sblock_alloc_buffer((NT, R), "float32")

@@ -636,10 +636,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
 
     VR = RELAYOUT_LANES
 
-    def x_vec(x, row, start, n, stride=1):
-        """``n`` activations of row ``row`` from column ``start`` on, ``stride`` apart, as float32."""
-        v = x[row, 0, T.Ramp(start, stride, n)] if batch_first else x[0, row, T.Ramp(start, stride, n)]
-        return v if x_dtype == "float32" else T.Cast(f"float32x{n}", v)
+    x_vec = _activation_loader(batch_first, x_dtype)
 
     def fold(v, op):
         return _fold_halves(v, group, op, VR)
@@ -687,6 +684,8 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
                     for v in T.serial(WG):
                         xd[b, g * WG + v + moved(g)] = st[0] * T.float32(1.0 / STEPS)
 
+    round_chunk = _chunk_rounder(relayout)
+
     @T.macro
     def body(x, qw, qs, qm, y, B):
         with T.sblock("root"):
@@ -696,12 +695,7 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
             xd = T.sblock_alloc_buffer((T.min(B, MC), XW), "float32")
             for mc in T.serial((B + MC - 1) // MC):
                 nb: T.let[T.int64] = T.min(B - mc * MC, MC)
-                if nb >= PARALLEL_RELAYOUT:
-                    for b in T.parallel(nb):
-                        relayout(x, xq, xs, xd, b, mc * MC + b)
-                else:
-                    for b in T.serial(nb):
-                        relayout(x, xq, xs, xd, b, mc * MC + b)
+                round_chunk(x, xq, xs, xd, nb, mc * MC)
                 # Rows long enough to be chunked take a buffer for partial sums, which TVM
                 # allocates at the top of every task: batches that chunk nothing (a single
                 # sequence's decode step) run a loop without it.
@@ -716,6 +710,35 @@ def quantized_gemv(n_rows: int, k: int, bits: int, group: int, scale_dtype: str,
     if epilogue is None and not _well_formed(gemv):
         raise RuntimeError("kiln's projection kernel is not well-formed TIR")
     return gemv
+
+
+def _activation_loader(batch_first: bool, x_dtype: str):
+    """``x_vec(x, row, start, n, stride=1)``: ``n`` activations of row ``row`` of a projection's
+    input (``[B, 1, K]`` if ``batch_first``, else ``[1, B, K]``) from column ``start`` on, ``stride``
+    apart, as float32."""
+
+    def x_vec(x, row, start, n, stride=1):
+        v = x[row, 0, T.Ramp(start, stride, n)] if batch_first else x[0, row, T.Ramp(start, stride, n)]
+        return v if x_dtype == "float32" else T.Cast(f"float32x{n}", v)
+
+    return x_vec
+
+
+def _chunk_rounder(relayout):
+    """A macro ``(x, xq, xs, xd, nb, first)`` rounding activation rows ``first .. first + nb`` of a
+    chunk with ``relayout(x, xq, xs, xd, b, row)`` into slots ``0 .. nb``: on all cores from
+    ``PARALLEL_RELAYOUT`` rows on, else on the calling thread."""
+
+    @T.macro
+    def round_chunk(x, xq, xs, xd, nb, first):
+        if nb >= PARALLEL_RELAYOUT:
+            for b in T.parallel(nb):
+                relayout(x, xq, xs, xd, b, first + b)
+        else:
+            for b in T.serial(nb):
+                relayout(x, xq, xs, xd, b, first + b)
+
+    return round_chunk
 
 
 def _projection_func(body, n_rows: int, k: int, words: int, groups: int, scale_dtype: str, has_min: bool,
