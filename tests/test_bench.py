@@ -174,13 +174,24 @@ def test_perf_kernels_finds_each_kernels_parallel_body(built):
     assert res.returncode == 2 and "give the command to profile after --" in res.stderr
 
 
+def _bench_table(script: str, args: list[str], unsupported: str, why: str) -> list[list[str]]:
+    """Run ``bench/<script>`` with ``args`` and return its table's rows (after two header lines),
+    split into fields; skip when the script exits 2 saying ``unsupported`` (a CPU it cannot run on)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / script
+    res = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=600)
+    if res.returncode == 2 and unsupported in res.stderr:
+        pytest.skip(why)
+    assert res.returncode == 0, res.stderr
+    return [line.split() for line in res.stdout.splitlines()[2:]]
+
+
 @pytest.mark.parametrize("extra", [[], ["--int8"], ["--mcpu", "znver3"]], ids=["int16", "int8", "avx2"])
 def test_interleaved_gemv_bench_runs_both_kernels_and_they_agree(extra):
     """bench/interleaved_gemv.py times kiln's interleaved projection kernel against its row-major
     one on the same weights, and exits 1 if their results disagree: on small shapes (a batch of 3
     among them) the two must agree, row for row."""
-    from pathlib import Path
-
     from tvm.target import Target
     from tvm.target.codegen import llvm_cpu_has_features
 
@@ -188,13 +199,8 @@ def test_interleaved_gemv_bench_runs_both_kernels_and_they_agree(extra):
 
     if extra[:1] == ["--mcpu"] and not llvm_cpu_has_features(["avx2"], Target(host_target({}))):
         pytest.skip("this CPU cannot run code compiled for an AVX2 machine")
-    script = Path(__file__).resolve().parent.parent / "bench" / "interleaved_gemv.py"
-    res = subprocess.run([sys.executable, script, "--shapes", "32x64,48x96", "--batch", "1,3", *extra],
-                         capture_output=True, text=True, timeout=600)
-    if res.returncode == 2 and "needs AVX2 or AVX-512" in res.stderr:
-        pytest.skip("this CPU has neither AVX2 nor AVX-512, which the interleaved kernel is written for")
-    assert res.returncode == 0, res.stderr
-    rows = [line.split() for line in res.stdout.splitlines()[2:]]
+    rows = _bench_table("interleaved_gemv.py", ["--shapes", "32x64,48x96", "--batch", "1,3", *extra],
+                        "needs AVX2 or AVX-512", "this CPU has neither AVX2 nor AVX-512, which the interleaved kernel is written for")
     assert [(r[0], r[1]) for r in rows] == [("32x64", "1"), ("32x64", "3"), ("48x96", "1"), ("48x96", "3")]
     assert all(float(r[-1]) < 1e-5 for r in rows)
 
@@ -204,15 +210,8 @@ def test_dot_peak_bench_measures_both_dot_products():
     (int8), alone and with the interleaved kernel's float work mixed in: the figures behind the
     README's ceiling for a batched decode step.  Four rows, positive rates, int8 twice int16's
     multiply-adds per instruction, and the float work never making the loop faster."""
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "bench" / "dot_peak.py"
-    res = subprocess.run([sys.executable, script, "--threads", "1", "--float-ops", "0,3", "--seconds", "0.05"],
-                         capture_output=True, text=True, timeout=600)
-    if res.returncode == 2 and "no VNNI" in res.stderr:
-        pytest.skip("this CPU has no VNNI dot products")
-    assert res.returncode == 0, res.stderr
-    rows = [line.split() for line in res.stdout.splitlines()[2:]]
+    rows = _bench_table("dot_peak.py", ["--threads", "1", "--float-ops", "0,3", "--seconds", "0.05"],
+                        "no VNNI", "this CPU has no VNNI dot products")
     assert [(r[1], r[2]) for r in rows] == [("int16", "0"), ("int16", "3"), ("int8", "0"), ("int8", "3")]
     instr = {(r[1], r[2]): float(r[3]) for r in rows}
     macs = {(r[1], r[2]): float(r[4]) for r in rows}
