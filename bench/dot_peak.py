@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 f(words, scales, out, n)
                 dt = time.perf_counter() - t
-                if dt > args.seconds / 4 or n > 2**30:
+                if dt > args.seconds / 4 or n * 4 >= 2**31:  # n is an int32 argument
                     break
                 n *= 4
             best = dt
