@@ -249,6 +249,51 @@ def test_epilogues_that_are_not_element_wise_are_not_fused():
     assert ck._gemv_for(func, LANES) is None
 
 
+def projection_into_heads(n, k, schedule):
+    """A float32 model's fused QKV projection on its way to a float16 KV cache, as kiln's
+    layers emit it: ``astype(reshape(q_matmul(x), heads), float16)``, through the CPU backend's
+    pipeline (``schedule`` 1: kiln's, 0: unscheduled TIR); the pipeline's module and the
+    compiled function."""
+    from tvm import relax
+
+    from kiln_backends.cpu import pipeline
+
+    batch = tvm.tirx.Var("batch", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, 1, k), "float32"))
+    qw = relax.Var("qw", relax.TensorType((n, k // 8), "uint32"))
+    qs, qm = (relax.Var(name, relax.TensorType((n, k // 32), "float16")) for name in ("qs", "qm"))
+    with bb.function("main", [x, qw, qs, qm]):
+        with bb.dataflow():
+            y = bb.emit_te(lambda *a: q_dense(*a, bits=4, group_size=32), x, qw, qs, qm, primfunc_name_hint="q_matmul")
+            heads = bb.emit(relax.op.reshape(y, (batch, 1, n // 16, 16)))
+            out = bb.emit_output(relax.op.astype(heads, "float16"))
+        bb.emit_func_output(out)
+    passes = pipeline(TARGET, {"schedule": schedule})
+    lowered = passes(bb.get())
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), TARGET, relax_pipeline=passes), tvm.cpu())
+    return lowered, vm["main"]
+
+
+def test_a_cast_after_the_projections_reshape_runs_in_the_projection():
+    """The cast to the KV cache's dtype after the QKV projection's reshape into heads becomes
+    the projection kernel's epilogue (kiln's pipeline casts before reshaping): no kernel of its
+    own, and the same values as the unscheduled pipeline's projection, reshape and cast."""
+    n, k = 96, 576
+    lowered, fused = projection_into_heads(n, k, schedule=1)
+    kernels = {gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any("q_matmul" in name and "cast" in name for name in kernels), kernels
+    assert not any(name.startswith("cast") for name in kernels), kernels
+    _, plain = projection_into_heads(n, k, schedule=0)
+    rng = np.random.default_rng(11)
+    qw, qs, qm = random_weights(rng, n, k, 4, True)
+    for rows in (1, 3, 8):
+        args = [tvm.runtime.tensor(a) for a in (rng.standard_normal((rows, 1, k)).astype(np.float32), qw, qs, qm)]
+        got, want = fused(*args).numpy(), plain(*args).numpy()
+        assert got.shape == want.shape == (rows, 1, n // 16, 16) and got.dtype == np.float16
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 40, 64), (7, 33, 100), (16, 64, 128)])
 def test_float_matmul_rule_matches_numpy(m, n, k):
     """The schedule rule for float projections (q0f32), including extents that do not divide

@@ -20,7 +20,7 @@ def pipeline(target, opts):
     from tvm import relax
 
     from .cpu_interleaved import interleave_pass, interleave_rows
-    from .cpu_kernels import byte_dots, replace_kernels, replace_projections
+    from .cpu_kernels import byte_dots, cast_before_reshape, replace_kernels, replace_projections
     from .cpu_schedules import schedule_pass, serial_twins_pass
 
     scheduled = bool(opts.get("schedule", 1))
@@ -28,7 +28,7 @@ def pipeline(target, opts):
 
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
     def _pipeline(mod, _ctx):
-        passes = [replace_kernels(target)] if scheduled else []
+        passes = [replace_kernels(target), cast_before_reshape()] if scheduled else []
         passes += [
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),

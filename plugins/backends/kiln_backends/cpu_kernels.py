@@ -955,6 +955,39 @@ def replace_projections(target: tvm.target.Target, int8: bool = False):
         if "q_matmul" in gv.name_hint and not (func.attrs or {}).get("kiln.interleaved") else None)
 
 
+def cast_before_reshape():
+    """Module pass, before ``LegalizeOps``: ``astype(reshape(x))`` becomes ``reshape(astype(x))``.
+
+    The values are the same (a cast is element-wise), but only the second lets ``FuseOps`` put
+    the cast in the kernel that made ``x``: a float32 model's fused QKV projection is reshaped into
+    heads and then cast to the float16 KV cache's dtype, which otherwise costs a kernel per layer
+    (and a round trip of the projection through memory).  With the cast as its epilogue the
+    projection writes float16 directly: SmolLM2 decoded 8 requests 3% faster (one 0.5-4%)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    data, shape = wildcard(), wildcard()
+    reshaped = is_op("relax.reshape")(data, shape)
+    pattern = is_op("relax.astype")(reshaped)
+
+    def swap(call, matches):
+        return relax.op.reshape(relax.op.astype(matches[data], call.attrs.dtype), matches[reshaped].args[1])
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnCastBeforeReshape")
+    def _pass(mod, _ctx):
+        updates = {gv: rewrite_call(pattern, swap, func) for gv, func in mod.functions_items()
+                   if isinstance(func, relax.Function)}
+        changed = {gv: func for gv, func in updates.items() if not func.same_as(mod[gv])}
+        if not changed:
+            return mod
+        mod = mod.clone()
+        for gv, func in changed.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
+
+
 def replace_kernels(target: tvm.target.Target):
     """Module pass: mark kiln's ``q_matmul`` PrimFuncs for fusion with what follows them (see
     :func:`replace_projections`) and swap kiln's hand-written kernels in for TVM's CPU decode
