@@ -342,6 +342,53 @@ def test_injective_and_reduction_rules_match_the_unscheduled_kernels(shape):
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def legalized_norm(kind, dim):
+    """TVM's own kernel for ``R.nn.rms_norm`` or ``R.nn.layer_norm`` over the last axis of
+    ``[batch, 1, dim]`` float32 (``batch`` symbolic), as the models' norms reach the schedule rules."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    batch = tvm.tirx.Var("batch", "int64")
+    x = relax.Var("x", relax.TensorType((batch, 1, dim), "float32"))
+    g, b = (relax.Var(name, relax.TensorType((dim,), "float32")) for name in ("g", "b"))
+    params = [x, g] if kind == "rms_norm" else [x, g, b]
+    with bb.function("main", params):
+        with bb.dataflow():
+            norm = (relax.op.nn.rms_norm(x, g, axes=[-1], epsilon=1e-5) if kind == "rms_norm"
+                    else relax.op.nn.layer_norm(x, g, b, axes=[-1], epsilon=1e-5))
+            out = bb.emit_output(norm)
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+def test_norms_are_computed_from_the_row_without_buffers_of_its_size(kind):
+    """TVM's RMSNorm kernel casts, squares and scales a row into a buffer of the row's size at
+    each step; scheduled, those steps are inlined (a row is read for its sum and again for the
+    output, no row-sized buffer is allocated per call), with the unscheduled results.  The same
+    for LayerNorm (its mean inlined into the variance and the output)."""
+    dim = 576
+    plain = legalized_norm(kind, dim).with_attr("global_symbol", "main")
+    mod = tvm.IRModule({"main": plain})
+    with TARGET:
+        mod = serial_twins_pass()(schedule_pass(TARGET)(mod))
+    scheduled = mod["main"]
+    assert "tirx.is_scheduled" in scheduled.attrs
+    script = scheduled.script()
+    assert "T.sblock_alloc_buffer((batch, T.int64(1), T.int64(576))" not in script, script
+    if kind == "rms_norm":  # TVM's own: three of them
+        assert plain.script().count("T.sblock_alloc_buffer((batch, T.int64(1), T.int64(576))") == 3
+    reference, fn = build(plain), tvm.compile(mod, TARGET)["main"]
+    rng = np.random.default_rng(8)
+    inputs = [rng.standard_normal(dim).astype(np.float32) for _ in range(2 if kind == "rms_norm" else 3)]
+    for rows in (1, 3, 8, 40):  # serial and parallel
+        inputs[0] = rng.standard_normal((rows, 1, dim)).astype(np.float32) * 3
+        (ref,) = run(reference, inputs, [((rows, 1, dim), "float32")])
+        (y,) = run(fn, inputs, [((rows, 1, dim), "float32")])
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_small_kernels_run_serially_and_large_ones_in_parallel_with_the_same_results():
     """The rules' kernels get a serial twin for small work (a decode step's RMSNorm and
     element-wise kernels): row counts on both sides of the threshold give the unscheduled
