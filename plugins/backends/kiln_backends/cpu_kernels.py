@@ -918,19 +918,24 @@ def _gemv_for(func: tvm.tirx.PrimFunc, lanes: int, build: bool = True, int8: boo
     return fused_kernel
 
 
-def _replacing_pass(name: str, replace):
-    """A module pass putting ``replace(global_var, prim_func)`` (when not ``None``) in place of
-    each PrimFunc, under the same global symbol."""
+def _replacing_pass(name: str, replace, kind=None):
+    """A module pass putting ``replace(global_var, func)`` (when not ``None``) in place of each
+    function of type ``kind`` (default: PrimFunc), under the same global symbol, in a copy of the
+    module it is given (a pass must not change its caller's module)."""
+    kind = kind or tvm.tirx.PrimFunc
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod, _ctx):
         updates = {}
         for gv, func in mod.functions_items():
-            if isinstance(func, tvm.tirx.PrimFunc):
-                kernel = replace(gv, func)
-                if kernel is not None:
+            if isinstance(func, kind):
+                new = replace(gv, func)
+                if new is not None:
                     symbol = (func.attrs or {}).get("global_symbol")
-                    updates[gv] = kernel.with_attr("global_symbol", symbol) if symbol else kernel
+                    updates[gv] = new.with_attr("global_symbol", symbol) if symbol else new
+        if not updates:
+            return mod
+        mod = mod.clone()
         for gv, func in updates.items():
             mod[gv] = func
         log.debug("%s: %s", name, ", ".join(sorted(gv.name_hint for gv in updates)))
@@ -973,19 +978,11 @@ def cast_before_reshape():
     def swap(call, matches):
         return relax.op.reshape(relax.op.astype(matches[data], call.attrs.dtype), matches[reshaped].args[1])
 
-    @tvm.transform.module_pass(opt_level=0, name="KilnCastBeforeReshape")
-    def _pass(mod, _ctx):
-        updates = {gv: rewrite_call(pattern, swap, func) for gv, func in mod.functions_items()
-                   if isinstance(func, relax.Function)}
-        changed = {gv: func for gv, func in updates.items() if not func.same_as(mod[gv])}
-        if not changed:
-            return mod
-        mod = mod.clone()
-        for gv, func in changed.items():
-            mod[gv] = func
-        return mod
+    def rewritten(_gv, func):
+        new = rewrite_call(pattern, swap, func)
+        return None if new.same_as(func) else new
 
-    return _pass
+    return _replacing_pass("KilnCastBeforeReshape", rewritten, relax.Function)
 
 
 def replace_kernels(target: tvm.target.Target):
