@@ -141,17 +141,17 @@ def main(argv=None) -> int:
             print(f"{f'{n}x{k}':>12s} {bits:4d} {calls:5d} {t:7d} {r['warm'] * 1e6:9.1f} {r['streamed'] * 1e6:11.1f} "
                   f"{n * k * args.batch / r['streamed'] / 1e9:7.1f}")
     print()
+    step = {t: {mode: sum(r[mode] * s[3] for r, s in zip(results[t], shapes)) for mode in ("warm", "streamed")}
+            for t in threads}  # seconds of a step's projections
     for t in threads:
-        warm = sum(r["warm"] * s[3] for r, s in zip(results[t], shapes))
-        streamed = sum(r["streamed"] * s[3] for r, s in zip(results[t], shapes))
-        print(f"step's projections, {t} thread{'s' if t > 1 else ''}: warm {warm * 1e3:.3f} ms, streamed {streamed * 1e3:.3f} ms")
+        print(f"step's projections, {t} thread{'s' if t > 1 else ''}: warm {step[t]['warm'] * 1e3:.3f} ms, "
+              f"streamed {step[t]['streamed'] * 1e3:.3f} ms")
     if 1 in threads:
-        one = sum(r["streamed"] * s[3] for r, s in zip(results[1], shapes))
+        one = step[1]["streamed"]
         for t in threads:
             if t > 1:
-                real = sum(r["streamed"] * s[3] for r, s in zip(results[t], shapes))
                 print(f"perfect scaling to {t} threads: {one / t * 1e3:.3f} ms streamed ({t} threads reach "
-                      f"{one / t / real:.0%} of it)")
+                      f"{one / t / step[t]['streamed']:.0%} of it)")
     return 0
 
 
